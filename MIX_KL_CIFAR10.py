@@ -1,0 +1,10 @@
+"""Train PreActResNet-18 on CIFAR-10 with MIX-KL.
+
+    python MIX_KL_CIFAR10.py --out_dir ./output/ --data-dir cifar10-data
+
+All flags: --help. The method lives in mixkl.py.
+"""
+import mixkl
+
+if __name__ == '__main__':
+    mixkl.main('cifar10')

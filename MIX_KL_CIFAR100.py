@@ -1,0 +1,10 @@
+"""Train PreActResNet-18 on CIFAR-100 with MIX-KL.
+
+    python MIX_KL_CIFAR100.py --out_dir ./output/ --data-dir cifar100-data
+
+All flags: --help. The method lives in mixkl.py.
+"""
+import mixkl
+
+if __name__ == '__main__':
+    mixkl.main('cifar100')

@@ -1,0 +1,201 @@
+"""Evaluate checkpoints under clean, PGD-10/20/50, C&W-20 and AutoAttack (METHOD.md).
+
+``test_cifar10.py`` and ``test_cifar100.py`` only name the dataset and call
+``main``. Every attack runs in fp32 on the model in eval mode, on images in
+[0, 1]; the numbers come back from ``evaluate_checkpoint`` and are printed
+and saved afterwards.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from preactresnet import PreActResNet18
+from utils import (DATASETS, CifarLoader, InputError, atomic_write_text, evaluate_batches,
+                   load_cifar, load_model_weights, pgd_attack, sha256_file)
+
+# name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
+ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('ce', 50),
+           'cw20': ('cw', 20), 'aa': 'autoattack'}
+LABELS = {'clean': 'clean', 'pgd10': 'PGD-10', 'pgd20': 'PGD-20', 'pgd50': 'PGD-50',
+          'cw20': 'C&W-20', 'aa': 'AutoAttack'}
+
+
+def attack_list(text):
+    names = [n.strip() for n in text.split(',') if n.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f'unknown attack {", ".join(unknown) or "(none given)"}; choose from {",".join(ATTACKS)}')
+    return names
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+    return value
+
+
+def build_parser(dataset):
+    p = argparse.ArgumentParser(
+        description=f'Evaluate PreActResNet-18 checkpoints on the {DATASETS[dataset]["name"]} '
+                    'test set under L-inf attacks.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model_path', '--model-path', nargs='+', required=True,
+                   help='checkpoint file(s); a run directory means its best_model.pth and '
+                        'final_model.pth')
+    p.add_argument('--out_dir', '--out-dir', default='./output/',
+                   help='results.json and the AutoAttack logs go here')
+    p.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data')
+    p.add_argument('--epsilon', type=float, default=8.0, help='L-inf radius, in /255')
+    p.add_argument('--alpha', type=float, default=2.0, help='PGD and C&W step, in /255')
+    p.add_argument('--n_ex', '--n-ex', type=positive_int, default=10000,
+                   help='evaluate the first N test images')
+    p.add_argument('--batch_size', '--batch-size', type=positive_int, default=500)
+    p.add_argument('--width', type=positive_int, default=None,
+                   help='PreActResNet-18 width (default: read from the checkpoint)')
+    p.add_argument('--attacks', type=attack_list, default=list(ATTACKS),
+                   help=f'comma list from {",".join(ATTACKS)}')
+    p.add_argument('--restarts', type=positive_int, default=1, help='for PGD and C&W')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', help='cuda, cpu ... (default: cuda when present)')
+    return p
+
+
+def checkpoint_paths(paths):
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = [os.path.join(path, n) for n in ('best_model.pth', 'final_model.pth')
+                     if os.path.isfile(os.path.join(path, n))]
+            if not found:
+                raise InputError(f'{path}: no best_model.pth or final_model.pth in this directory')
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
+def run_attack(model, name, x, y, args, log_path):
+    """Accuracy of ``model`` under one attack, as a result dict.
+
+    The RNG is reseeded before each attack, so an attack's number does not
+    depend on which attacks ran before it, and PGD-k and PGD-m share their
+    random starts.
+    """
+    torch.manual_seed(args.seed)
+    epsilon, alpha = args.epsilon / 255, args.alpha / 255
+    start = time.time()
+    if name == 'aa':
+        correct, info = run_autoattack(model, x, y, epsilon, args, log_path)
+    else:
+        attack, info = None, {}
+        if ATTACKS[name] is not None:
+            loss, iters = ATTACKS[name]
+            attack = pgd_attack(epsilon, alpha, iters, args.restarts, loss)
+            info = dict(loss=loss, iterations=iters, step_size=alpha, step_size_255=args.alpha,
+                        restarts=args.restarts)
+        batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size])
+                   for i in range(0, len(y), args.batch_size)]
+        correct, _ = evaluate_batches(model, tqdm(batches, desc=LABELS[name], leave=False), attack)
+    return dict(accuracy=correct / len(y), correct=correct, n=len(y), **info,
+                seconds=round(time.time() - start, 2))
+
+
+def run_autoattack(model, x, y, epsilon, args, log_path):
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from the pyautoattack package."""
+    from pyautoattack import AutoAttack
+    logger = logging.getLogger('auto-attack')
+    logger.setLevel(logging.DEBUG)
+    handler = logging.FileHandler(log_path, mode='w')
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+    echo = logging.StreamHandler(sys.stdout)
+    echo.addFilter(lambda record: 'robust accuracy' in record.getMessage())
+    logger.addHandler(handler)
+    logger.addHandler(echo)
+    try:
+        adversary = AutoAttack(model, norm='Linf', eps=epsilon, version='standard',
+                               seed=args.seed, device=x.device)
+        x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
+    finally:
+        logger.removeHandler(handler)
+        logger.removeHandler(echo)
+        handler.close()
+    max_perturbation = (x_adv - x).abs().amax().item()
+    if max_perturbation > epsilon + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f'AutoAttack returned points outside the threat model '
+                           f'(max perturbation {max_perturbation:.6f})')
+    with torch.no_grad():
+        correct = sum((model(x_adv[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size])
+                      .sum().item() for i in range(0, len(y), args.batch_size))
+    return correct, dict(version='standard', log=os.path.basename(log_path),
+                         max_perturbation=max_perturbation)
+
+
+def evaluate_checkpoint(model, x, y, args, log_prefix):
+    """Run ``args.attacks`` on ``model``; returns {attack name: result dict}."""
+    model.eval()
+    results = {}
+    for name in args.attacks:
+        results[name] = run_attack(model, name, x, y, args, f'{log_prefix}_autoattack.log')
+        print(f'  {LABELS[name]:<11} {100 * results[name]["accuracy"]:6.2f}%  '
+              f'({results[name]["seconds"]:.1f} s)', flush=True)
+    return results
+
+
+def format_table(report):
+    """A markdown table: one row per attack, one column per checkpoint."""
+    names = [os.path.relpath(r['checkpoint']) for r in report['results']]
+    lines = ['| attack | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+    for attack in report['attacks']:
+        cells = [f'{100 * r["attacks"][attack]["accuracy"]:.2f}%' for r in report['results']]
+        lines.append(f'| {LABELS[attack]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def run(dataset, args):
+    num_classes = DATASETS[dataset]['num_classes']
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {args.device}: CUDA is not available on this machine')
+    script = os.path.basename(sys.argv[0])
+    paths = checkpoint_paths(args.model_path)
+    models = [load_model_weights(p, PreActResNet18, num_classes, args.width, script) for p in paths]
+    x, y = load_cifar(dataset, args.data_dir, train=False)
+    if args.n_ex > len(y):
+        print(f'note: --n_ex {args.n_ex} but the test set has {len(y)} images; using all')
+    x = x[:args.n_ex].to(device).float() / 255
+    y = y[:args.n_ex].to(device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    report = dict(dataset=dataset, n_examples=len(y), epsilon=args.epsilon / 255,
+                  epsilon_255=args.epsilon, attacks=args.attacks, seed=args.seed,
+                  device=str(device), torch=torch.__version__,
+                  command=' '.join([script] + sys.argv[1:]), results=[])
+    results_path = os.path.join(args.out_dir, 'results.json')
+    for path, model in zip(paths, models):
+        print(f'{path}: {len(y)} test images, eps {args.epsilon:g}/255, device {device}')
+        stem = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0])
+        entry = dict(checkpoint=os.path.abspath(path), sha256=sha256_file(path),
+                     width=model.width, num_classes=num_classes)
+        entry['attacks'] = evaluate_checkpoint(model.to(device), x, y, args, stem)
+        report['results'].append(entry)
+        atomic_write_text(results_path, json.dumps(report, indent=2))
+    print('\n' + format_table(report))
+    print(f'\nresults: {results_path}')
+    return report
+
+
+def main(dataset, argv=None):
+    args = build_parser(dataset).parse_args(argv)
+    try:
+        run(dataset, args)
+    except InputError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,666 @@
+"""MIX-KL: fast adversarial training with Mixup and a geometric temperature-scaled KL loss.
+
+The method of ../shared/METHOD.md, once, for both datasets. Read it top to
+bottom: the loss pieces, one training step, the teacher, the schedules, then
+the epoch loop in ``train``. ``MIX_KL_CIFAR10.py`` and ``MIX_KL_CIFAR100.py``
+only name the dataset and call ``main``.
+"""
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from preactresnet import PreActResNet18
+from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text,
+                   attack_fgsm, clamp, evaluate_batches, load_cifar, pgd_attack,
+                   safe_torch_load)
+
+
+# ---------------------------------------------------------------------------
+# Loss pieces
+
+def soft_cross_entropy(logits, target):
+    """mean_b( -sum_c target[b, c] * log_softmax(logits)[b, c] )"""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def geometric_kl(student_logits, teacher_logits, tau):
+    """tau^2-scaled KL(teacher || student) between geometric temperature-scaled distributions.
+
+    geo(z) = normalise(softmax(z / tau) ** (1 / tau)), which is softmax(z / tau^2).
+    As in the paper, 1e-8 is added to the student's probabilities inside the log.
+    """
+    t2 = tau ** 2
+    log_p_teacher = F.log_softmax(teacher_logits / t2, dim=1)
+    p_student = F.softmax(student_logits / t2, dim=1)
+    kl = log_p_teacher.exp() * (log_p_teacher - torch.log(p_student + 1e-8))
+    return t2 * kl.sum() / len(student_logits)
+
+
+def consistency_loss(adv_logits, clean_logits, adv_features, start_features, xm, delta):
+    """Prediction and feature consistency, divided by the perturbation's size (+ 0.125)."""
+    num = (F.mse_loss(F.softmax(adv_logits, 1), F.softmax(clean_logits, 1))
+           + F.mse_loss(F.softmax(adv_features, 1), F.softmax(start_features, 1)))
+    return num / (F.mse_loss(xm + delta, xm) + 0.125)
+
+
+# ---------------------------------------------------------------------------
+# Building the adversarial example
+
+def mixup(x, y, num_classes, alpha):
+    """One Beta(alpha, alpha) coefficient per batch; alpha = 0 turns mixup off (lam = 1)."""
+    onehot = F.one_hot(y, num_classes).float()
+    if alpha <= 0:
+        return x, onehot, 1.0
+    lam = float(np.random.beta(alpha, alpha))
+    perm = torch.randperm(len(x), device=x.device)
+    return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm], lam
+
+
+def random_start(xm, epsilon, delta_init='random'):
+    """A random-sign corner at half radius, kept inside [0, 1] (METHOD.md step 2)."""
+    if delta_init == 'zero':
+        return torch.zeros_like(xm)
+    u = clamp(torch.empty_like(xm).uniform_(-epsilon, epsilon), -xm, 1 - xm)
+    return clamp(epsilon / 2 * u.sign(), -xm, 1 - xm)
+
+
+def fgsm_step(model, xm, ym, delta0, epsilon, alpha):
+    """One signed-gradient step of the soft cross-entropy from delta0.
+
+    Autograd is asked for d loss / d delta only (no parameter gradients). The
+    graph is kept: the returned features of this forward still receive
+    gradient through the consistency term. Returns (delta, features).
+    """
+    delta0 = delta0.requires_grad_(True)
+    logits0, features0 = model(xm + delta0, return_features=True)
+    grad, = torch.autograd.grad(soft_cross_entropy(logits0.float(), ym), delta0,
+                                retain_graph=True)
+    delta = (delta0.detach() + alpha * grad.sign()).clamp(-epsilon, epsilon)
+    return clamp(delta, -xm, 1 - xm), features0
+
+
+# ---------------------------------------------------------------------------
+# The teacher
+
+class ConditionalEMA:
+    """MIX-KL's teacher ("auto weight averaging").
+
+    An average of the student, updated only on steps where the student's
+    adversarial accuracy falls below ``threshold`` times its clean accuracy.
+    Floating-point parameters and buffers are averaged; integer buffers (BN's
+    batch counter) are copied.
+    """
+
+    def __init__(self, student, threshold):
+        self.model = copy.deepcopy(student).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.threshold = threshold
+        self.updates = 0
+
+    def wants_update(self, clean_correct, adv_correct):
+        return adv_correct / (clean_correct + 1e-8) < self.threshold
+
+    def decay(self):
+        return min(0.999, (self.updates + 1) / (self.updates + 10))
+
+    @torch.no_grad()
+    def update(self, student):
+        decay = self.decay()
+        teacher_state, student_state = self.model.state_dict(), student.state_dict()
+        averaged = [k for k, v in teacher_state.items() if v.is_floating_point()]
+        copied = [k for k in teacher_state if k not in averaged]
+        teacher_floats = [teacher_state[k] for k in averaged]
+        torch._foreach_mul_(teacher_floats, decay)
+        torch._foreach_add_(teacher_floats, [student_state[k] for k in averaged], alpha=1 - decay)
+        for k in copied:
+            teacher_state[k].copy_(student_state[k])
+        self.updates += 1
+
+
+# ---------------------------------------------------------------------------
+# Schedules
+
+def temperature(epoch, tau0, gamma, schedule='geometric'):
+    return tau0 * gamma ** epoch if schedule == 'geometric' else tau0
+
+
+def kl_weight(tau, tau0, lambda_kl_base):
+    return lambda_kl_base * (tau / tau0) ** 2
+
+
+def lr_factor(iteration, total_iterations, schedule):
+    """Learning rate at ``iteration`` (0-based), as a fraction of --lr-max."""
+    if schedule == 'cyclic':
+        return 1 - abs(2 * iteration / total_iterations - 1)
+    milestones = (math.floor(total_iterations * 99 / 110), math.floor(total_iterations * 104 / 110))
+    return 0.1 ** sum(iteration >= m for m in milestones)
+
+
+# ---------------------------------------------------------------------------
+# One training step, up to the loss
+
+def mixkl_loss(args, student, teacher, x, y, tau, w_kl, num_classes):
+    """METHOD.md steps 1-5. Returns (loss, clean logits, adversarial logits)."""
+    epsilon, alpha = args.epsilon / 255, args.alpha / 255
+    xm, ym, _ = mixup(x, y, num_classes, args.mixup_alpha)
+    delta0 = random_start(xm, epsilon, args.delta_init)
+    with autocast(args, x.device):
+        delta, features0 = fgsm_step(student, xm, ym, delta0, epsilon, alpha)
+        adv_logits, adv_features = student(xm + delta, return_features=True)
+        clean_logits = student(xm)
+        if w_kl:
+            with torch.no_grad():
+                teacher_logits = teacher.model(xm + delta).float()
+    adv_logits, clean_logits = adv_logits.float(), clean_logits.float()
+    loss = soft_cross_entropy(adv_logits, ym)
+    if args.lamda:
+        loss = loss + args.lamda * consistency_loss(
+            adv_logits, clean_logits, adv_features.float(), features0.float(), xm, delta)
+    if w_kl:
+        loss = loss + w_kl * geometric_kl(adv_logits, teacher_logits, tau)
+    return loss, clean_logits, adv_logits
+
+
+def fgsm_rs_loss(args, student, x, y):
+    """Wong et al. 2020: one FGSM step from a uniform start, cross-entropy on the true labels."""
+    epsilon, alpha = args.epsilon / 255, args.alpha / 255
+    delta = clamp(torch.empty_like(x).uniform_(-epsilon, epsilon), -x, 1 - x)
+    delta.requires_grad_(True)
+    with autocast(args, x.device):
+        start_loss = F.cross_entropy(student(x + delta).float(), y)
+        grad, = torch.autograd.grad(start_loss, delta)
+        delta = (delta.detach() + alpha * grad.sign()).clamp(-epsilon, epsilon)
+        delta = clamp(delta, -x, 1 - x)
+        adv_logits = student(x + delta).float()
+    return F.cross_entropy(adv_logits, y), None, adv_logits
+
+
+def autocast(args, device):
+    """bf16 autocast for training forwards on CUDA (off with --no-amp, always off on CPU)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=args.amp and device.type == 'cuda')
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+DEFAULT_ALPHA = {'mixkl': 8.0, 'fgsm_rs': 10.0}
+# Flags that may change when a run is resumed; every other one must match the run.
+RESUME_MAY_CHANGE = {'resume', 'device', 'data_dir', 'out_dir', 'amp'}
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a {kind.__name__}')
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f'{value} must be {">" if low_open else ">="} {low}')
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f'{value} must be <= {high}')
+        return value
+    return parse
+
+
+positive_int = _number(int, 1)
+nonnegative = _number(float, 0)
+
+
+def build_parser(dataset):
+    name = DATASETS[dataset]['name']
+    p = argparse.ArgumentParser(
+        description=f'Train PreActResNet-18 on {name} with MIX-KL (or a baseline).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group('data and output')
+    io.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data',
+                    help='folder holding (or receiving) the python-pickle CIFAR files')
+    io.add_argument('--out_dir', '--out-dir', dest='out_dir', default='./output/',
+                    help='a run directory is created inside it')
+    io.add_argument('--resume', help='run directory (or its checkpoint.pth) to continue')
+    io.add_argument('--train-examples', type=positive_int, help='use only the first N training images')
+    io.add_argument('--eval-examples', type=positive_int, help='use only the first N test images')
+
+    m = p.add_argument_group('method (defaults: METHOD.md)')
+    m.add_argument('--method', choices=['mixkl', 'fgsm_rs'], default='mixkl',
+                   help='fgsm_rs: FGSM with uniform random start (Wong et al. 2020), no teacher')
+    m.add_argument('--epochs', type=positive_int, default=110)
+    m.add_argument('--batch-size', type=positive_int, default=128)
+    m.add_argument('--lr-schedule', choices=['multistep', 'cyclic'], default='multistep')
+    m.add_argument('--lr-max', type=_number(float, 0, low_open=True), default=0.1)
+    m.add_argument('--momentum', type=_number(float, 0, 1), default=0.9)
+    m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
+    m.add_argument('--epsilon', type=nonnegative, default=8.0, help='L-inf radius, in /255')
+    m.add_argument('--alpha', type=nonnegative, default=None,
+                   help='FGSM step, in /255 (default 8 for mixkl, 10 for fgsm_rs)')
+    m.add_argument('--delta-init', choices=['random', 'zero'], default='random',
+                   help='zero: start the FGSM step at the mixed image itself')
+    m.add_argument('--mixup-alpha', type=nonnegative, default=0.4, help='0 turns mixup off')
+    m.add_argument('--lamda', type=nonnegative, default=12.0,
+                   help='weight of the consistency term (0 turns it off)')
+    m.add_argument('--tau0', type=_number(float, 0, low_open=True), default=2.0)
+    m.add_argument('--gamma', type=_number(float, 0, low_open=True), default=0.99,
+                   help='temperature decay per epoch')
+    m.add_argument('--tau-schedule', choices=['geometric', 'constant'], default='geometric')
+    m.add_argument('--lambda-kl-base', type=nonnegative, default=1.0,
+                   help='weight of the KL term at tau0 (0 turns it off)')
+    m.add_argument('--ema-value', type=_number(float, 0, 1, low_open=True), default=0.82,
+                   help='teacher update when adv/clean accuracy of the batch is below this')
+
+    e = p.add_argument_group('per-epoch evaluation')
+    e.add_argument('--pgd-iters', type=positive_int, default=10)
+    e.add_argument('--pgd-alpha', type=nonnegative, default=2.0, help='PGD step, in /255')
+    e.add_argument('--eval-batch-size', type=positive_int, default=512)
+    e.add_argument('--alarm-examples', type=positive_int, default=512,
+                   help='training images watched for catastrophic overfitting')
+
+    r = p.add_argument_group('machine')
+    r.add_argument('--seed', type=int, default=0)
+    r.add_argument('--width', type=positive_int, default=64, help='PreActResNet-18 base width')
+    r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
+    r.add_argument('--no-amp', dest='amp', action='store_false',
+                   help='train in fp32 on CUDA (default: bf16 autocast on CUDA)')
+    return p
+
+
+def parse_args(dataset, argv=None):
+    parser = build_parser(dataset)
+    args = parser.parse_args(argv)
+    if args.alpha is None:
+        args.alpha = DEFAULT_ALPHA[args.method]
+    try:
+        torch.device(args.device or 'cpu')
+    except RuntimeError as e:
+        parser.error(f'--device: {e}')
+    args.dataset = dataset
+    return args, parser
+
+
+def resolve_device(name):
+    device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {name}: CUDA is not available on this machine')
+    return device
+
+
+# ---------------------------------------------------------------------------
+# Catastrophic overfitting alarm
+
+def overfitting_alarm(fgsm_accs, pgd_accs):
+    """True when PGD accuracy fell below half its best while FGSM accuracy did not."""
+    if not pgd_accs or max(pgd_accs) <= 0:
+        return False
+    return pgd_accs[-1] < 0.5 * max(pgd_accs) and fgsm_accs[-1] >= 0.5 * max(fgsm_accs)
+
+
+# ---------------------------------------------------------------------------
+# Resumable state
+
+CHECKPOINT_FORMAT = 'mixkl-resumable-1'
+METRIC_FIELDS = ['epoch', 'seconds', 'eval_seconds', 'lr', 'train_loss', 'train_acc', 'tau',
+                 'kl_weight', 'teacher_updates', 'test_clean_acc', 'test_pgd_acc',
+                 'alarm_fgsm_acc', 'alarm_pgd_acc']
+
+
+def rng_state():
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)],
+            'python': random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state['python'])
+
+
+def read_resume_checkpoint(args, parser):
+    """Load the checkpoint named by --resume and merge the run's flags into ``args``."""
+    path = args.resume
+    if os.path.isdir(path):
+        path = os.path.join(path, 'checkpoint.pth')
+    if not os.path.isfile(path):
+        raise InputError(f'--resume {args.resume}: no resumable checkpoint at {path}')
+    checkpoint = safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get('format') != CHECKPOINT_FORMAT:
+        raise InputError(f'--resume {path}: not a resumable checkpoint of this project')
+    saved = checkpoint['args']
+    if saved['dataset'] != args.dataset:
+        script = 'MIX_KL_CIFAR10.py' if saved['dataset'] == 'cifar10' else 'MIX_KL_CIFAR100.py'
+        raise InputError(f'--resume {path}: that is a {DATASETS[saved["dataset"]]["name"]} run; '
+                         f'resume it with {script}')
+    merged = dict(saved)
+    for key, value in vars(args).items():
+        default = parser.get_default(key)
+        if key in ('device', 'amp', 'resume'):
+            merged[key] = value
+        elif key in RESUME_MAY_CHANGE:
+            merged[key] = saved[key] if value == default else value
+        elif value != default and value != saved.get(key):
+            flag = '--' + key.replace('_', '-')
+            raise InputError(f'--resume {path}: the run was trained with {flag} {saved.get(key)}, '
+                             f'not {value}')
+    return argparse.Namespace(**merged), checkpoint, os.path.dirname(os.path.abspath(path))
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a request to stop at the next step boundary.
+
+    A second signal stops at once (KeyboardInterrupt), without a checkpoint.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
+              '(signal again to quit without one)', file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+class Trainer:
+    """One training run: data, models, optimiser, run directory, the epoch loop."""
+
+    def __init__(self, args, parser):
+        checkpoint = None
+        if args.resume:
+            args, checkpoint, self.run_dir = read_resume_checkpoint(args, parser)
+        if args.alpha is None:
+            args.alpha = DEFAULT_ALPHA[args.method]
+        self.args = args
+        self.device = resolve_device(args.device)
+        check_writable(args.out_dir if checkpoint is None else self.run_dir)
+        seed_everything(args.seed)
+        self.num_classes = DATASETS[args.dataset]['num_classes']
+        self._load_data()
+        if checkpoint is None:
+            self.run_dir = new_run_dir(args)
+        self._build_models()
+        self.epoch, self.step, self.stats = 0, 0, new_epoch_stats()
+        self.history, self.best_pgd = [], -1.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            atomic_write_text(self.path('config.json'), json.dumps(self.config(), indent=2))
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def log(self, message):
+        print(message, flush=True)
+        with open(self.path('train.log'), 'a') as f:
+            f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
+
+    def config(self):
+        return {**vars(self.args), 'device_used': str(self.device), 'torch': torch.__version__,
+                'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+
+    def _load_data(self):
+        a = self.args
+        x_train, y_train = load_cifar(a.dataset, a.data_dir, train=True)
+        x_test, y_test = load_cifar(a.dataset, a.data_dir, train=False)
+        x_train, y_train = x_train[:a.train_examples], y_train[:a.train_examples]
+        x_test, y_test = x_test[:a.eval_examples], y_test[:a.eval_examples]
+        self.train_loader = CifarLoader(x_train, y_train, a.batch_size, self.device, train=True,
+                                        seed=a.seed)
+        self.test_loader = CifarLoader(x_test, y_test, a.eval_batch_size, self.device, train=False)
+        n = a.alarm_examples
+        self.alarm_batch = (x_train[:n].to(self.device).float() / 255, y_train[:n].to(self.device))
+
+    def _build_models(self):
+        a = self.args
+        self.student = PreActResNet18(self.num_classes, a.width).to(self.device)
+        if self.device.type == 'cuda':
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.teacher = ConditionalEMA(self.student, a.ema_value) if a.method == 'mixkl' else None
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=a.lr_max,
+                                         momentum=a.momentum, weight_decay=a.weight_decay)
+        total = a.epochs * len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, total, a.lr_schedule))
+
+    @property
+    def eval_model(self):
+        """The model evaluated and saved: the teacher for MIX-KL, else the student."""
+        return self.teacher.model if self.teacher is not None else self.student
+
+    # -- the loop ----------------------------------------------------------
+
+    def fit(self):
+        a = self.args
+        self.log(f'run directory: {self.run_dir}')
+        self.log(f'{a.method} on {a.dataset}: {len(self.train_loader.labels)} training images, '
+                 f'{len(self.test_loader.labels)} test images, device {self.device}, '
+                 f'epochs {self.epoch + 1}..{a.epochs}')
+        with StopSignal() as stop:
+            for epoch in range(self.epoch, a.epochs):
+                if not self.train_epoch(epoch, stop):
+                    self.save_checkpoint()
+                    script = os.path.basename(sys.argv[0]) or 'the training script'
+                    self.log(f'stopped at epoch {epoch + 1}, step {self.step}; checkpoint saved. '
+                             f'Resume with: python {script} --resume {self.run_dir}')
+                    return 128 + stop.signum
+                self.end_epoch(epoch)
+        atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
+        self.log(f'done: best test PGD accuracy {self.best_pgd:.4f}; '
+                 f'best_model.pth and final_model.pth in {self.run_dir}')
+        return 0
+
+    def train_epoch(self, epoch, stop):
+        """Train from self.step to the end of the epoch; False if a stop was requested."""
+        a = self.args
+        tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
+        w_kl = kl_weight(tau, a.tau0, a.lambda_kl_base)
+        self.student.train()
+        start = time.time()
+        batches = tqdm(self.train_loader.batches(epoch, self.step), total=len(self.train_loader),
+                       initial=self.step, desc=f'epoch {epoch + 1}/{a.epochs}', leave=False)
+        for x, y in batches:
+            if stop.signum is not None:
+                self.stats['seconds'] += time.time() - start
+                return False
+            if self.teacher is not None:
+                loss, clean_logits, adv_logits = mixkl_loss(
+                    a, self.student, self.teacher, x, y, tau, w_kl, self.num_classes)
+            else:
+                loss, clean_logits, adv_logits = fgsm_rs_loss(a, self.student, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self._record_step(epoch, loss, clean_logits, adv_logits, y)
+            batches.set_postfix(loss=f'{self.stats["loss"] / self.stats["n"]:.3f}')
+        self.stats['seconds'] += time.time() - start
+        return True
+
+    def _record_step(self, epoch, loss, clean_logits, adv_logits, y):
+        """One host sync per step: the loss check, the teacher decision and the epoch stats."""
+        counts = [loss.detach(), (adv_logits.argmax(1) == y).sum()]
+        if clean_logits is not None:
+            counts.append((clean_logits.argmax(1) == y).sum())
+        values = torch.stack([c.float() for c in counts]).tolist()
+        if not math.isfinite(values[0]):
+            raise NonFiniteLoss(f'non-finite loss ({values[0]}) at epoch {epoch + 1}, '
+                                f'step {self.step + 1}')
+        if self.teacher is not None and self.teacher.wants_update(values[2], values[1]):
+            self.teacher.update(self.student)
+            self.stats['teacher_updates'] += 1
+        self.stats['loss'] += values[0] * len(y)
+        self.stats['correct'] += values[1]
+        self.stats['n'] += len(y)
+        self.step += 1
+
+    def end_epoch(self, epoch):
+        """Evaluate, record the epoch, save best model, checkpoint and metrics."""
+        a = self.args
+        start = time.time()
+        clean, pgd = evaluate_robustness(self.eval_model, self.test_loader.batches(),
+                                         a.epsilon / 255, a.pgd_alpha / 255, a.pgd_iters)
+        alarm_fgsm, alarm_pgd = self._alarm_accuracies()
+        tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
+        row = dict(epoch=epoch + 1, seconds=round(self.stats['seconds'], 2),
+                   eval_seconds=round(time.time() - start, 2),
+                   lr=self.optimizer.param_groups[0]['lr'],
+                   train_loss=self.stats['loss'] / self.stats['n'],
+                   train_acc=self.stats['correct'] / self.stats['n'],
+                   tau=tau, kl_weight=kl_weight(tau, a.tau0, a.lambda_kl_base),
+                   teacher_updates=self.stats['teacher_updates'],
+                   test_clean_acc=clean, test_pgd_acc=pgd,
+                   alarm_fgsm_acc=alarm_fgsm, alarm_pgd_acc=alarm_pgd)
+        self.history.append(row)
+        if pgd > self.best_pgd:
+            self.best_pgd = pgd
+            atomic_save(self.eval_model.state_dict(), self.path('best_model.pth'))
+        self.epoch, self.step, self.stats = epoch + 1, 0, new_epoch_stats()
+        self.save_checkpoint()
+        write_metrics(self.path('metrics.csv'), self.history)
+        self.log(f'epoch {epoch + 1}/{a.epochs}  {row["seconds"]:.1f}s+{row["eval_seconds"]:.1f}s  '
+                 f'lr {row["lr"]:.4g}  loss {row["train_loss"]:.4f}  train acc {row["train_acc"]:.4f}  '
+                 f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
+                 f'test clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
+        if overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
+                             [r['alarm_pgd_acc'] for r in self.history]):
+            self.log(f'WARNING: catastrophic overfitting? On {len(self.alarm_batch[1])} training '
+                     f'images PGD accuracy fell to {alarm_pgd:.4f} (best '
+                     f'{max(r["alarm_pgd_acc"] for r in self.history):.4f}) while FGSM accuracy '
+                     f'is {alarm_fgsm:.4f}')
+
+    def _alarm_accuracies(self):
+        """FGSM and PGD accuracy of the student on a fixed batch of training images."""
+        a = self.args
+        x, y = self.alarm_batch
+        eps = a.epsilon / 255
+        fgsm, n = evaluate_batches(self.student, [(x, y)],
+                                   lambda m, X, Y: attack_fgsm(m, X, Y, eps))
+        pgd, _ = evaluate_batches(self.student, [(x, y)],
+                                  pgd_attack(eps, a.pgd_alpha / 255, a.pgd_iters, 1))
+        self.student.train()
+        return fgsm / n, pgd / n
+
+    # -- checkpoints -------------------------------------------------------
+
+    def save_checkpoint(self):
+        atomic_save({
+            'format': CHECKPOINT_FORMAT, 'args': vars(self.args),
+            'student': self.student.state_dict(),
+            'teacher': self.teacher.model.state_dict() if self.teacher is not None else None,
+            'teacher_updates': self.teacher.updates if self.teacher is not None else 0,
+            'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+            'epoch': self.epoch, 'step': self.step, 'stats': self.stats,
+            'best_pgd': self.best_pgd, 'history': self.history, 'rng': rng_state(),
+        }, self.path('checkpoint.pth'))
+
+    def _restore(self, checkpoint):
+        self.student.load_state_dict(checkpoint['student'])
+        if self.teacher is not None:
+            self.teacher.model.load_state_dict(checkpoint['teacher'])
+            self.teacher.updates = checkpoint['teacher_updates']
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self.scheduler.load_state_dict(checkpoint['scheduler'])
+        self.epoch, self.step = checkpoint['epoch'], checkpoint['step']
+        self.stats, self.best_pgd = checkpoint['stats'], checkpoint['best_pgd']
+        self.history = checkpoint['history']
+        set_rng_state(checkpoint['rng'])
+        self.log(f'resumed from {self.path("checkpoint.pth")} at epoch {self.epoch + 1}, '
+                 f'step {self.step}')
+
+
+def evaluate_robustness(model, batches, epsilon, alpha, attack_iters):
+    """Clean and PGD accuracy (one restart) of ``model`` on the same batches."""
+    clean = robust = total = 0
+    for X, y in batches:
+        c, n = evaluate_batches(model, [(X, y)])
+        r, _ = evaluate_batches(model, [(X, y)], pgd_attack(epsilon, alpha, attack_iters, 1))
+        clean, robust, total = clean + c, robust + r, total + n
+    return clean / total, robust / total
+
+
+def new_epoch_stats():
+    return {'loss': 0.0, 'correct': 0.0, 'n': 0, 'teacher_updates': 0, 'seconds': 0.0}
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_writable(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise InputError(f'cannot write to {directory}: {e.strerror or e}')
+
+
+def new_run_dir(args):
+    base = os.path.join(args.out_dir, f'{args.dataset}-{args.method}-seed{args.seed}-'
+                                      f'{time.strftime("%Y%m%d-%H%M%S")}')
+    run_dir, n = base, 1
+    while os.path.exists(run_dir):
+        run_dir, n = f'{base}-{n}', n + 1
+    os.makedirs(run_dir)
+    return os.path.abspath(run_dir)
+
+
+def write_metrics(path, rows):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
+
+
+def main(dataset, argv=None):
+    args, parser = parse_args(dataset, argv)
+    try:
+        trainer = Trainer(args, parser)
+        code = trainer.fit()
+    except InputError as e:
+        print(f'error: {e}', file=sys.stderr)
+        code = 2
+    except NonFiniteLoss as e:
+        trainer.log(f'error: {e}; stopping. The last good checkpoint is kept in {trainer.run_dir}')
+        code = 1
+    sys.exit(code)

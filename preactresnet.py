@@ -1,0 +1,62 @@
+"""PreActResNet-18 as used in the fast adversarial training literature.
+
+The model maps images in [0, 1] to logits (no input normalisation), so it can be
+handed to any attack library as it is. ``model(x, return_features=True)`` also
+returns the penultimate features that MIX-KL's consistency term compares.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        # The projection shortcut reads the pre-activated input, as in He et al. 2016.
+        shortcut = self.shortcut(out) if hasattr(self, 'shortcut') else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, num_blocks, num_classes=10, width=64):
+        super().__init__()
+        self.num_classes = num_classes
+        self.width = width
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.layer1 = self._make_layer(width, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(2 * width, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(4 * width, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(8 * width, num_blocks[3], stride=2)
+        self.linear = nn.Linear(8 * width, num_classes)
+
+    def _make_layer(self, planes, num_blocks, stride):
+        layers = []
+        for block_stride in [stride] + [1] * (num_blocks - 1):
+            layers.append(PreActBlock(self.in_planes, planes, block_stride))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x, return_features=False):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        features = F.avg_pool2d(out, 4).flatten(1)
+        logits = self.linear(features)
+        return (logits, features) if return_features else logits
+
+
+def PreActResNet18(num_classes=10, width=64):
+    """PreActResNet-18: blocks [2, 2, 2, 2], widths width x (1, 2, 4, 8)."""
+    return PreActResNet([2, 2, 2, 2], num_classes=num_classes, width=width)

@@ -1,0 +1,395 @@
+"""Data, attacks and file helpers shared by training, evaluation and benchmarks.
+
+Images are uint8 tensors of shape (N, 3, 32, 32) kept on the compute device;
+batches handed to models are float in [0, 1]. Every attack works in that space.
+"""
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = {
+    'cifar10': dict(folder='cifar-10-batches-py', num_classes=10, label_key='labels',
+                    train_files=[f'data_batch_{i}' for i in range(1, 6)],
+                    test_files=['test_batch'], name='CIFAR-10',
+                    url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'),
+    'cifar100': dict(folder='cifar-100-python', num_classes=100, label_key='fine_labels',
+                     train_files=['train'], test_files=['test'], name='CIFAR-100',
+                     url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'),
+}
+
+
+class InputError(Exception):
+    """Bad input from the user (data, checkpoint, flags): reported in one line."""
+
+
+# ---------------------------------------------------------------------------
+# Reading CIFAR without executing code from the data files
+
+# Everything the official CIFAR pickles (and numpy-written copies of them) refer to.
+# _codecs.encode rebuilds bytes in protocol-2 pickles written by Python 3.
+_CIFAR_PICKLE_GLOBALS = {
+    ('_codecs', 'encode'),
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file, encoding='latin1')
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise InputError(f'{self.path}: refused to load {module}.{name}; a CIFAR batch file '
+                         'holds only dicts, lists, strings, ints and numpy arrays')
+
+
+def read_cifar_pickle(path):
+    """Unpickle one CIFAR batch file, allowing only what the format contains."""
+    try:
+        with open(path, 'rb') as f:
+            return _CifarUnpickler(f, path).load()
+    except InputError:
+        raise
+    except Exception as e:  # truncated or garbled files raise many different errors
+        raise InputError(f'{path}: not a readable CIFAR batch file ({type(e).__name__}: {e})')
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _official_md5s(dataset):
+    from torchvision import datasets as tv_datasets
+    cls = tv_datasets.CIFAR10 if dataset == 'cifar10' else tv_datasets.CIFAR100
+    return dict(cls.train_list + cls.test_list)
+
+
+def _download(dataset, data_dir):
+    spec = DATASETS[dataset]
+    try:
+        from torchvision import datasets as tv_datasets
+        cls = tv_datasets.CIFAR10 if dataset == 'cifar10' else tv_datasets.CIFAR100
+        print(f'{spec["name"]} not found in {data_dir}: downloading it there')
+        cls(root=data_dir, train=True, download=True)
+    except Exception as e:
+        raise InputError(
+            f'{spec["name"]} is not in {os.path.join(data_dir, spec["folder"])} and could not be '
+            f'downloaded ({type(e).__name__}: {e}). Download {spec["url"]} and extract it into '
+            f'{data_dir}, so that {os.path.join(data_dir, spec["folder"])}/ holds '
+            f'{", ".join(spec["train_files"] + spec["test_files"])}')
+
+
+def _check_batch(batch, path, label_key, num_classes):
+    if not isinstance(batch, dict):
+        raise InputError(f'{path}: expected a dict, found {type(batch).__name__}')
+    batch = {k.decode('latin1') if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    for key in ('data', label_key):
+        if key not in batch:
+            raise InputError(f'{path}: no "{key}" entry (found: {", ".join(map(str, batch))})')
+    data, labels = batch['data'], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        desc = f'{data.dtype} array of shape {data.shape}' if isinstance(data, np.ndarray) \
+            else type(data).__name__
+        raise InputError(f'{path}: "data" must be a uint8 array of shape (N, 3072), found {desc}')
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise InputError(f'{path}: "{label_key}" must be a list of integers')
+    if labels.shape != (len(data),):
+        raise InputError(f'{path}: {len(data)} images but {labels.size} labels')
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise InputError(f'{path}: label {bad} is outside 0..{num_classes - 1}')
+    return data, labels
+
+
+def load_cifar(dataset, data_dir, train, download=True, quiet=False):
+    """Return (images uint8 (N,3,32,32), labels int64 (N,)) of a CIFAR split.
+
+    Reads the standard python-pickle layout under ``data_dir``; downloads the
+    official release there through torchvision when the folder is absent.
+    """
+    spec = DATASETS[dataset]
+    folder = os.path.join(data_dir, spec['folder'])
+    if not os.path.isdir(folder):
+        if not download:
+            raise InputError(f'{spec["name"]} is not in {folder}; download {spec["url"]} and '
+                             f'extract it into {data_dir}')
+        _download(dataset, data_dir)
+    files = spec['train_files'] if train else spec['test_files']
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise InputError(f'{path} is missing; {folder}/ should hold '
+                             f'{", ".join(spec["train_files"] + spec["test_files"])}')
+        data, y = _check_batch(read_cifar_pickle(path), path, spec['label_key'],
+                               spec['num_classes'])
+        images.append(data)
+        labels.append(y)
+    images = np.concatenate(images).reshape(-1, 3, 32, 32)
+    labels = np.concatenate(labels)
+    official = _official_md5s(dataset)
+    if not all(official.get(n) == _md5(os.path.join(folder, n)) for n in files):
+        if not quiet:
+            print(f'note: {folder} is not the official {spec["name"]} release '
+                  f'({len(labels)} {"train" if train else "test"} images)')
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+# ---------------------------------------------------------------------------
+# Batches on the device
+
+def crop_flip(images, dy, dx, flip, pad=4):
+    """Crop each image at offset (dy, dx) of its zero-padded copy, then mirror where flip.
+
+    ``images`` is (B, C, H, W); offsets range over 0..2*pad. Batched gather: no
+    per-image Python.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = dy[:, None] + torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device).expand(b, w)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class CifarLoader:
+    """Batches of a CIFAR split that lives on ``device`` as uint8.
+
+    With ``train=True`` every epoch has its own order, crop offsets and flips,
+    drawn from a generator seeded by (seed, epoch): an epoch can be replayed
+    from any step, which is what resuming needs. The last, smaller batch is kept.
+    Under ``world_size > 1`` each rank takes its share of every global batch.
+    """
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch_plan(self, epoch):
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(n), None
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 9, (2, n), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
+        return order, (offsets, flips)
+
+    def batches(self, epoch=0, start_step=0):
+        """Yield (images float in [0, 1], labels) from ``start_step`` to the end of the epoch."""
+        order, augment = self.epoch_plan(epoch)
+        order = order.to(self.device)
+        if augment is not None:
+            offsets, flips = augment[0].to(self.device), augment[1].to(self.device)
+        for step in range(start_step, len(self)):
+            span = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            share = slice(self.rank, None, self.world_size)
+            idx = order[span][share]
+            x = self.images[idx]
+            if augment is not None:
+                x = crop_flip(x, offsets[0, span][share], offsets[1, span][share],
+                              flips[span][share])
+            yield x.float().div_(255), self.labels[idx]
+
+
+# ---------------------------------------------------------------------------
+# Attacks (L-inf, inputs in [0, 1])
+
+def clamp(x, lower, upper):
+    return torch.max(torch.min(x, upper), lower)
+
+
+def margin_loss(logits, y):
+    """Per-example C&W margin loss -(z_y - max_{j != y} z_j)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float('-inf')).amax(1)
+    return others - true
+
+
+ATTACK_LOSSES = {
+    'ce': lambda logits, y: F.cross_entropy(logits, y, reduction='none'),
+    'cw': margin_loss,
+}
+
+
+def attack_pgd(model, X, y, epsilon, alpha, attack_iters, restarts, loss='ce'):
+    """L-inf PGD from a uniform random start, as in the fast adversarial training code.
+
+    Each iteration steps only the examples the model still classifies
+    correctly (the others are already broken and stay frozen), and forwards
+    only those: the result is the same as stepping a masked full batch. Across
+    restarts an example keeps a perturbation that misclassifies it if any
+    restart found one, else the one with the highest loss. Returns delta.
+    The model should be in eval mode: then examples do not interact.
+    """
+    loss_fn = ATTACK_LOSSES[loss]
+    lower, upper = -X, 1 - X
+    best_delta = torch.zeros_like(X)
+    best_fooled = torch.zeros(len(X), dtype=torch.bool, device=X.device)
+    best_loss = torch.full((len(X),), float('-inf'), device=X.device)
+    for _ in range(restarts):
+        delta = clamp(torch.empty_like(X).uniform_(-epsilon, epsilon), lower, upper)
+        active = torch.arange(len(X), device=X.device)
+        for _ in range(attack_iters):
+            d = delta[active].requires_grad_(True)
+            logits = model(X[active] + d)
+            correct = logits.argmax(1) == y[active]
+            if not correct.any():
+                break
+            grad, = torch.autograd.grad(loss_fn(logits, y[active]).sum(), d)
+            active = active[correct]
+            stepped = (d.detach() + alpha * grad.sign())[correct].clamp(-epsilon, epsilon)
+            delta[active] = clamp(stepped, lower[active], upper[active])
+        with torch.no_grad():
+            logits = model(X + delta)
+            fooled = logits.argmax(1) != y
+            final_loss = loss_fn(logits, y)
+        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (final_loss > best_loss))
+        best_delta[better] = delta[better]
+        best_fooled |= fooled
+        best_loss = torch.where(better, final_loss, best_loss)
+    return best_delta
+
+
+def evaluate_batches(model, batches, attack=None):
+    """Accuracy counts of ``model`` (put in eval mode) on (X, y) batches.
+
+    ``attack`` maps (model, X, y) to a perturbation; None measures clean
+    accuracy. Returns (correct, total) as ints.
+    """
+    model.eval()
+    correct = total = 0
+    for X, y in batches:
+        if attack is not None:
+            X = X + attack(model, X, y)
+        with torch.no_grad():
+            correct += (model(X).argmax(1) == y).sum().item()
+        total += len(y)
+    return correct, total
+
+
+def pgd_attack(epsilon, alpha, attack_iters, restarts, loss='ce'):
+    """``attack_pgd`` with its settings bound, for ``evaluate_batches``."""
+    return lambda model, X, y: attack_pgd(model, X, y, epsilon, alpha, attack_iters,
+                                          restarts, loss)
+
+
+# ---------------------------------------------------------------------------
+# Files: written atomically, read without executing code
+
+def _atomic_write(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save through a temporary file, so ``path`` is never left truncated."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_torch_load(path, map_location='cpu'):
+    """torch.load with weights_only=True, reporting unreadable files as InputError."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such file')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise InputError(f'{path}: not a loadable PyTorch weights file '
+                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})')
+
+
+def strip_prefixes(state_dict):
+    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_model_weights(path, model_factory, num_classes, width=None, script=''):
+    """Build a model from a checkpoint's state_dict, checking it fits.
+
+    ``model_factory(num_classes, width)`` builds the architecture; the width
+    is read from the checkpoint when not given. Raises InputError, naming the
+    problem, for anything that is not a matching state_dict.
+    """
+    state = safe_torch_load(path)
+    if isinstance(state, dict) and 'teacher' in state and 'student' in state:
+        raise InputError(f'{path} is a resumable training checkpoint; evaluate best_model.pth '
+                         'or final_model.pth from the same run directory')
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f'{path} does not hold a state_dict (a dict of tensors)')
+    state = strip_prefixes(state)
+    if 'conv1.weight' not in state or 'linear.weight' not in state:
+        raise InputError(f'{path} is not a PreActResNet-18 checkpoint '
+                         '(no conv1.weight / linear.weight)')
+    found_classes, found_width = state['linear.weight'].shape[0], state['conv1.weight'].shape[0]
+    if found_classes != num_classes:
+        raise InputError(f'{path} is a {found_classes}-class model; {script} evaluates '
+                         f'{num_classes}-class models')
+    if width is not None and width != found_width:
+        raise InputError(f'{path} has width {found_width}, not --width {width}')
+    model = model_factory(num_classes, found_width)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f'{path} does not fit PreActResNet-18 of width {found_width}: '
+                         + ' '.join(str(e).split())[:300])
+    return model
+
+
+def attack_fgsm(model, X, y, epsilon):
+    """One signed-gradient step of size epsilon from X itself (no random start)."""
+    delta = torch.zeros_like(X, requires_grad=True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(X + delta), y), delta)
+    return clamp(epsilon * grad.sign(), -X, 1 - X)
