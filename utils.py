@@ -393,3 +393,41 @@ def attack_fgsm(model, X, y, epsilon):
     delta = torch.zeros_like(X, requires_grad=True)
     grad, = torch.autograd.grad(F.cross_entropy(model(X + delta), y), delta)
     return clamp(epsilon * grad.sign(), -X, 1 - X)
+
+
+# ---------------------------------------------------------------------------
+# Synthetic data in the CIFAR layout
+
+def learnable_images(labels, num_classes, rng):
+    """Images a small model can classify: a class-specific colour plus noise."""
+    palette = rng.integers(40, 216, size=(num_classes, 3))
+    images = palette[labels][:, :, None, None] + rng.integers(-30, 31, size=(len(labels), 3, 32, 32))
+    return np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
+
+
+def write_synthetic_cifar(root, dataset='cifar10', n_train=200, n_test=100, seed=0,
+                          learnable=False, num_classes=None):
+    """Write synthetic images in the exact CIFAR python-pickle layout under ``root``.
+
+    For tests and benchmarks: the files go through the same ``load_cifar`` as
+    the real release. ``learnable`` gives images a small model can classify.
+    ``num_classes`` (default: the dataset's) limits the labels used.
+    """
+    spec = DATASETS[dataset]
+    folder, label_key = spec['folder'], spec['label_key']
+    train_files, test_files = spec['train_files'], spec['test_files']
+    classes = num_classes or spec['num_classes']
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    splits = [(train_files, n_train), (test_files, n_test)]
+    for files, n in splits:
+        labels = rng.integers(0, classes, size=n)
+        images = learnable_images(labels, classes, rng) if learnable else \
+            rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        for i, name in enumerate(files):
+            part = slice(i * n // len(files), (i + 1) * n // len(files))
+            batch = {b'batch_label': b'fixture', b'data': images[part],
+                     label_key.encode(): labels[part].tolist()}
+            with open(os.path.join(root, folder, name), 'wb') as f:
+                pickle.dump(batch, f, protocol=2)
+    return root
