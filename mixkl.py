@@ -281,7 +281,7 @@ def build_parser(dataset):
 def parse_args(dataset, argv=None):
     parser = build_parser(dataset)
     args = parser.parse_args(argv)
-    if args.alpha is None:
+    if args.alpha is None and not args.resume:  # a resumed run keeps its own step size
         args.alpha = DEFAULT_ALPHA[args.method]
     try:
         torch.device(args.device or 'cpu')
