@@ -1,0 +1,294 @@
+"""Attacks against known answers, and the evaluation scripts end to end."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import evaluate
+from preactresnet import PreActResNet18
+from utils import (InputError, attack_pgd, evaluate_batches, learnable_images,
+                   load_model_weights, pgd_attack, write_synthetic_cifar)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPS = 8 / 255
+
+
+def linear_problem(n=400, seed=0):
+    """A two-class linear model and points far from the box edges (exact worst case known)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, 48, generator=g) * 0.1)
+        model[1].bias.zero_()
+    X = 0.1 + 0.8 * torch.rand(n, 3, 4, 4, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return model.eval(), X, y
+
+
+def exact_robust_count(model, X, y, eps):
+    """For two classes the L-inf worst case moves the margin by eps * ||w_y - w_other||_1."""
+    w, b = model[1].weight, model[1].bias
+    sign = 1 - 2 * y.float()                       # +1 if y = 0, -1 if y = 1
+    margin = sign * (X.flatten(1) @ (w[0] - w[1]) + b[0] - b[1])
+    return (margin > eps * (w[0] - w[1]).abs().sum()).sum().item()
+
+
+@pytest.mark.parametrize('loss', ['ce', 'cw'])
+def test_pgd_finds_the_exact_worst_case_of_a_linear_model(loss):
+    model, X, y = linear_problem()
+    clean = (model(X).argmax(1) == y).sum().item()
+    exact = exact_robust_count(model, X, y, EPS)
+    assert 40 < exact < clean - 40, 'the problem should separate clean and robust accuracy'
+    torch.manual_seed(0)
+    correct, n = evaluate_batches(model, [(X, y)], pgd_attack(EPS, EPS / 4, 10, 1, loss))
+    assert correct == exact
+
+
+def test_too_few_steps_cannot_reach_the_worst_case():
+    model, X, y = linear_problem()
+    torch.manual_seed(0)
+    weak, n = evaluate_batches(model, [(X, y)], pgd_attack(EPS, EPS / 20, 2, 1))
+    assert weak > exact_robust_count(model, X, y, EPS)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = PreActResNet18(10, width=8)
+    model.train()
+    with torch.no_grad():  # give BN non-trivial running statistics
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32))
+    return model
+
+
+def test_perturbations_stay_in_the_ball_and_box_and_bn_statistics_are_untouched():
+    model = small_model()
+    X = torch.rand(16, 3, 32, 32)
+    X[:4] = 0.0
+    X[4:8] = 1.0
+    y = torch.randint(0, 10, (16,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = []
+    model.register_forward_pre_hook(lambda m, inputs: modes.append(m.training))
+    seen = []
+    def attack(m, X_, y_):
+        delta = attack_pgd(m, X_, y_, EPS, 2 / 255, 5, 2)
+        seen.append(delta)
+        return delta
+    evaluate_batches(model, [(X, y)], attack)
+    delta = seen[0]
+    assert delta.abs().max() <= EPS + 1e-7
+    assert ((X + delta) >= 0).all() and ((X + delta) <= 1).all()
+    assert modes and not any(modes), 'every forward ran in eval mode'
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def own_labels(model, X):
+    """Labels = the model's clean predictions, so clean accuracy is 100%."""
+    model.eval()
+    with torch.no_grad():
+        return model(X).argmax(1)
+
+
+def fooled(model, X, y, delta):
+    with torch.no_grad():
+        return model(X + delta).argmax(1) != y
+
+
+def test_more_restarts_never_raise_robust_accuracy():
+    model = small_model(2)
+    X = torch.rand(64, 3, 32, 32)
+    y = own_labels(model, X)
+    broken = []
+    for restarts in (1, 2, 4):
+        torch.manual_seed(0)
+        broken.append(fooled(model, X, y, attack_pgd(model, X, y, 4 / 255, 1 / 255, 2, restarts)))
+    assert 0 < broken[0].sum() < 64
+    assert (broken[0] <= broken[1]).all() and (broken[1] <= broken[2]).all()
+
+
+def test_pgd50_breaks_everything_pgd10_breaks_with_the_same_seed():
+    model = small_model(2)
+    X = torch.rand(64, 3, 32, 32)
+    y = own_labels(model, X)
+    torch.manual_seed(0)
+    pgd10 = fooled(model, X, y, attack_pgd(model, X, y, 4 / 255, 0.25 / 255, 10, 1))
+    torch.manual_seed(0)
+    pgd50 = fooled(model, X, y, attack_pgd(model, X, y, 4 / 255, 0.25 / 255, 50, 1))
+    assert 0 < pgd10.sum() < 64
+    assert (pgd10 <= pgd50).all() and pgd50.sum() > pgd10.sum()
+
+
+def adversarially_trained_mlp(eps):
+    """A small model PGD-trained on class-coloured synthetic 8x8 images.
+
+    Small inputs keep AutoAttack's 1,800 FAB-T and Square iterations quick on a CPU.
+    """
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 560)
+    images = torch.from_numpy(learnable_images(labels, 10, rng)).float().div(255)
+    X, y = images.view(-1, 3, 32, 32)[:, :, :8, :8].contiguous(), torch.from_numpy(labels)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for epoch in range(20):
+        for i in range(0, 512, 64):
+            xb, yb = X[i:i + 64], y[i:i + 64]
+            model.eval()
+            delta = attack_pgd(model, xb, yb, eps, eps / 3, 3, 1)
+            model.train()
+            loss = F.cross_entropy(model(xb + delta), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), X[512:], y[512:]
+
+
+@pytest.fixture
+def one_thread():
+    """AutoAttack runs thousands of tiny ops here; threads only add synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_autoattack_is_at_most_pgd20_at_most_clean_on_an_adversarially_trained_model(
+        tmp_path, one_thread):
+    model, X, y = adversarially_trained_mlp(16 / 255)
+    args = argparse.Namespace(attacks=['clean', 'pgd20', 'aa'], epsilon=16.0, alpha=2.0,
+                              restarts=1, seed=0, batch_size=128)
+    results = evaluate.evaluate_checkpoint(model, X, y, args, str(tmp_path / 'mlp'))
+    clean, pgd20, aa = (results[k]['accuracy'] for k in ('clean', 'pgd20', 'aa'))
+    assert clean > 0.6 and pgd20 > 0.2, 'the model should be somewhat robust'
+    assert aa <= pgd20 < clean
+    assert results['aa']['max_perturbation'] <= 16 / 255 + 1e-6
+    log = (tmp_path / 'mlp_autoattack.log').read_text()
+    assert 'apgd-t' in log.lower() and 'square' in log.lower()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+def save(obj, path):
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path):
+    model = PreActResNet18(10, width=8)
+    prefixed = {'module.' + k: v for k, v in model.state_dict().items()}
+    loaded = load_model_weights(save(prefixed, tmp_path / 'ddp.pth'), PreActResNet18, 10)
+    assert loaded.width == 8
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+@pytest.mark.parametrize('content,width,message', [
+    (None, None, 'no such file'),
+    ([1, 2, 3], None, 'does not hold a state_dict'),
+    ('cifar100', None, 'is a 100-class model; test_cifar10.py evaluates 10-class models'),
+    ('width8', 16, 'has width 8, not --width 16'),
+    ('linear', None, 'is not a PreActResNet-18 checkpoint'),
+    ('truncated', None, 'not a loadable PyTorch weights file'),
+    ('resumable', None, 'is a resumable training checkpoint'),
+    ('extra-key', None, 'does not fit PreActResNet-18 of width 8'),
+])
+def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
+    path = tmp_path / 'model.pth'
+    state = PreActResNet18(10, width=8).state_dict()
+    if content == 'cifar100':
+        save(PreActResNet18(100, width=8).state_dict(), path)
+    elif content == 'width8':
+        save(state, path)
+    elif content == 'linear':
+        save(nn.Linear(3, 2).state_dict(), path)
+    elif content == 'truncated':
+        save(state, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif content == 'resumable':
+        save({'student': state, 'teacher': state, 'epoch': 3}, path)
+    elif content == 'extra-key':
+        save({**state, 'layer5.weight': torch.zeros(1)}, path)
+    elif content is not None:
+        save(content, path)
+    with pytest.raises(InputError, match=message):
+        load_model_weights(str(path), PreActResNet18, 10, width, 'test_cifar10.py')
+
+
+class WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path):
+    victim = tmp_path / 'created-by-payload'
+    path = save({'conv1.weight': torch.zeros(1), 'x': WritesAFile(str(victim))},
+                tmp_path / 'evil.pth')
+    with pytest.raises(InputError, match='not a loadable PyTorch weights file'):
+        load_model_weights(path, PreActResNet18, 10)
+    assert not victim.exists()
+
+
+# ---------------------------------------------------------------------------
+# The scripts
+
+def run_script(script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('dataset,classes,attacks', [
+    ('cifar10', 10, 'clean,pgd10,pgd20,pgd50,cw20,aa'),
+    ('cifar100', 100, 'clean,pgd10,cw20'),
+])
+def test_evaluation_scripts_write_results_json(tmp_path, dataset, classes, attacks):
+    write_synthetic_cifar(str(tmp_path / 'data'), dataset, n_train=10, n_test=40)
+    torch.manual_seed(0)
+    checkpoint = save(PreActResNet18(classes, width=8).state_dict(), tmp_path / 'best_model.pth')
+    script = 'test_cifar10.py' if dataset == 'cifar10' else 'test_cifar100.py'
+    proc = run_script(script, '--model_path', checkpoint, '--out_dir', 'out', '--data-dir', 'data',
+                      '--n_ex', '8', '--attacks', attacks, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert report['dataset'] == dataset and report['n_examples'] == 8
+    assert report['epsilon'] == pytest.approx(8 / 255)
+    entry, = report['results']
+    assert entry['checkpoint'] == checkpoint and len(entry['sha256']) == 64
+    assert list(entry['attacks']) == attacks.split(',')
+    accuracies = {k: v['accuracy'] for k, v in entry['attacks'].items()}
+    assert all(0 <= a <= accuracies['clean'] for a in accuracies.values())
+    assert entry['attacks']['pgd10']['iterations'] == 10
+    assert entry['attacks']['cw20']['loss'] == 'cw'
+    if 'aa' in accuracies:
+        assert (tmp_path / 'out' / 'best_model_autoattack.log').exists()
+    assert 'PGD-10' in proc.stdout and '| attack |' in proc.stdout
+
+
+def test_evaluation_script_refuses_a_mismatched_checkpoint_before_evaluating(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=10, n_test=10)
+    good = save(PreActResNet18(10, width=8).state_dict(), tmp_path / 'good.pth')
+    bad = save(PreActResNet18(100, width=8).state_dict(), tmp_path / 'bad.pth')
+    proc = run_script('test_cifar10.py', '--model_path', good, bad, '--out_dir', 'out',
+                      '--data-dir', 'data', '--n_ex', '4', cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ('error: ' + bad + ' is a 100-class model; test_cifar10.py '
+                                   'evaluates 10-class models')
+    assert not (tmp_path / 'out' / 'results.json').exists()
+
+
+def test_unknown_attack_is_an_argument_error(tmp_path):
+    proc = run_script('test_cifar10.py', '--model_path', 'x.pth', '--attacks', 'pgd10,fgsm',
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and 'unknown attack fgsm' in proc.stderr
