@@ -6,8 +6,10 @@ the epoch loop in ``train``. ``MIX_KL_CIFAR10.py`` and ``MIX_KL_CIFAR100.py``
 only name the dataset and call ``main``.
 """
 import argparse
+import contextlib
 import copy
 import csv
+import inspect
 import io
 import json
 import math
@@ -20,9 +22,13 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ddp import Distributed
+import plots
 from preactresnet import PreActResNet18
 from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text,
                    attack_fgsm, clamp, evaluate_batches, load_cifar, pgd_attack,
@@ -154,15 +160,49 @@ def lr_factor(iteration, total_iterations, schedule):
 # ---------------------------------------------------------------------------
 # One training step, up to the loss
 
-def mixkl_loss(args, student, teacher, x, y, tau, w_kl, num_classes):
-    """METHOD.md steps 1-5. Returns (loss, clean logits, adversarial logits)."""
+def mixkl_student_calls(student, xm, ym, delta0, epsilon, alpha):
+    """Every student call of a MIX-KL step (METHOD.md steps 3-4), in order."""
+    delta, features0 = fgsm_step(student, xm, ym, delta0, epsilon, alpha)
+    adv_logits, adv_features = student(xm + delta, return_features=True)
+    clean_logits = student(xm)
+    return delta, features0, adv_logits, adv_features, clean_logits
+
+
+class StudentPass(nn.Module):
+    """All student calls of one training step as a single forward: what DDP wraps.
+
+    DistributedDataParallel expects one forward of the wrapped module per
+    backward. A MIX-KL step calls the student three times and takes an input
+    gradient (``torch.autograd.grad`` w.r.t. the perturbation only, which runs
+    no parameter hook) in between. Run inside one forward of this module, DDP
+    sees one forward, and its gradient all-reduce runs once, in loss.backward().
+    ``calls(student, *inputs)`` is ``mixkl_student_calls`` or
+    ``fgsm_rs_student_calls``. Without torchrun the trainer calls those directly.
+    """
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, calls, *inputs):
+        return calls(self.student, *inputs)
+
+
+def _run_student(student_pass, student, calls, *inputs):
+    return student_pass(calls, *inputs) if student_pass is not None else calls(student, *inputs)
+
+
+def mixkl_loss(args, student, teacher, x, y, tau, w_kl, num_classes, student_pass=None):
+    """METHOD.md steps 1-5. Returns (loss, clean logits, adversarial logits).
+
+    ``student_pass``: a DDP-wrapped ``StudentPass(student)`` under torchrun, else None.
+    """
     epsilon, alpha = args.epsilon / 255, args.alpha / 255
     xm, ym, _ = mixup(x, y, num_classes, args.mixup_alpha)
     delta0 = random_start(xm, epsilon, args.delta_init)
     with autocast(args, x.device):
-        delta, features0 = fgsm_step(student, xm, ym, delta0, epsilon, alpha)
-        adv_logits, adv_features = student(xm + delta, return_features=True)
-        clean_logits = student(xm)
+        delta, features0, adv_logits, adv_features, clean_logits = _run_student(
+            student_pass, student, mixkl_student_calls, xm, ym, delta0, epsilon, alpha)
         if w_kl:
             with torch.no_grad():
                 teacher_logits = teacher.model(xm + delta).float()
@@ -176,17 +216,23 @@ def mixkl_loss(args, student, teacher, x, y, tau, w_kl, num_classes):
     return loss, clean_logits, adv_logits
 
 
-def fgsm_rs_loss(args, student, x, y):
+def fgsm_rs_student_calls(student, x, y, delta, epsilon, alpha):
+    """The FGSM step from ``delta`` and the adversarial forward; returns the logits."""
+    start_loss = F.cross_entropy(student(x + delta).float(), y)
+    grad, = torch.autograd.grad(start_loss, delta)
+    delta = (delta.detach() + alpha * grad.sign()).clamp(-epsilon, epsilon)
+    delta = clamp(delta, -x, 1 - x)
+    return student(x + delta).float()
+
+
+def fgsm_rs_loss(args, student, x, y, student_pass=None):
     """Wong et al. 2020: one FGSM step from a uniform start, cross-entropy on the true labels."""
     epsilon, alpha = args.epsilon / 255, args.alpha / 255
     delta = clamp(torch.empty_like(x).uniform_(-epsilon, epsilon), -x, 1 - x)
     delta.requires_grad_(True)
     with autocast(args, x.device):
-        start_loss = F.cross_entropy(student(x + delta).float(), y)
-        grad, = torch.autograd.grad(start_loss, delta)
-        delta = (delta.detach() + alpha * grad.sign()).clamp(-epsilon, epsilon)
-        delta = clamp(delta, -x, 1 - x)
-        adv_logits = student(x + delta).float()
+        adv_logits = _run_student(student_pass, student, fgsm_rs_student_calls,
+                                  x, y, delta, epsilon, alpha)
     return F.cross_entropy(adv_logits, y), None, adv_logits
 
 
@@ -275,6 +321,9 @@ def build_parser(dataset):
     r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
     r.add_argument('--no-amp', dest='amp', action='store_false',
                    help='train in fp32 on CUDA (default: bf16 autocast on CUDA)')
+    r.add_argument('--sync-bn', action='store_true',
+                   help='under torchrun: batch-norm statistics over the global batch '
+                        '(SyncBatchNorm, CUDA only) instead of per process')
     return p
 
 
@@ -401,48 +450,68 @@ class StopSignal:
 class Trainer:
     """One training run: data, models, optimiser, run directory, the epoch loop."""
 
-    def __init__(self, args, parser):
+    def __init__(self, args, parser, dist=None):
+        # Under torchrun ``dist`` is this process's Distributed (ddp.py); without
+        # it everything below is the single-process run.
+        self.dist = dist if dist is not None else Distributed()
         checkpoint = None
         if args.resume:
             args, checkpoint, self.run_dir = read_resume_checkpoint(args, parser)
+            check_world_size(checkpoint, self.run_dir, self.dist.world_size)
         if args.alpha is None:
             args.alpha = DEFAULT_ALPHA[args.method]
         self.args = args
-        self.device = resolve_device(args.device)
+        self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
+        if getattr(args, 'sync_bn', False) and self.dist.enabled and self.device.type != 'cuda':
+            raise InputError('--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)')
         check_writable(args.out_dir if checkpoint is None else self.run_dir)
-        seed_everything(args.seed)
+        # Rank r draws its own mixup and random starts: seed + r (rank 0: the single-process seed).
+        seed_everything(args.seed + self.dist.rank)
         self.num_classes = DATASETS[args.dataset]['num_classes']
         self._load_data()
         if checkpoint is None:
-            self.run_dir = new_run_dir(args)
+            self.run_dir = self.dist.broadcast_object(new_run_dir(args) if self.dist.is_main
+                                                      else None)
         self._build_models()
         self.epoch, self.step, self.stats = 0, 0, new_epoch_stats()
         self.history, self.best_pgd = [], -1.0
+        self._stop_agreed = False  # under torchrun: a stop requested on any rank (see _record_step)
         if checkpoint is not None:
             self._restore(checkpoint)
-        else:
+        elif self.dist.is_main:
             atomic_write_text(self.path('config.json'), json.dumps(self.config(), indent=2))
 
     def path(self, name):
         return os.path.join(self.run_dir, name)
 
     def log(self, message):
+        if not self.dist.is_main:
+            return
         print(message, flush=True)
         with open(self.path('train.log'), 'a') as f:
             f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
 
     def config(self):
         return {**vars(self.args), 'device_used': str(self.device), 'torch': torch.__version__,
+                'world_size': self.dist.world_size,
                 'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
     def _load_data(self):
         a = self.args
-        x_train, y_train = load_cifar(a.dataset, a.data_dir, train=True)
-        x_test, y_test = load_cifar(a.dataset, a.data_dir, train=False)
+        # Under torchrun rank 0 reads (and, if need be, downloads) the data first, alone.
+        if not self.dist.is_main:
+            self.dist.barrier()
+        quiet = not self.dist.is_main
+        x_train, y_train = load_cifar(a.dataset, a.data_dir, train=True, quiet=quiet)
+        x_test, y_test = load_cifar(a.dataset, a.data_dir, train=False, quiet=quiet)
+        if self.dist.is_main:
+            self.dist.barrier()
         x_train, y_train = x_train[:a.train_examples], y_train[:a.train_examples]
         x_test, y_test = x_test[:a.eval_examples], y_test[:a.eval_examples]
         self.train_loader = CifarLoader(x_train, y_train, a.batch_size, self.device, train=True,
-                                        seed=a.seed)
+                                        seed=a.seed, rank=self.dist.rank,
+                                        world_size=self.dist.world_size)
+        check_shares(len(y_train), a.batch_size, self.dist.world_size)
         self.test_loader = CifarLoader(x_test, y_test, a.eval_batch_size, self.device, train=False)
         n = a.alarm_examples
         self.alarm_batch = (x_train[:n].to(self.device).float() / 255, y_train[:n].to(self.device))
@@ -452,7 +521,14 @@ class Trainer:
         self.student = PreActResNet18(self.num_classes, a.width).to(self.device)
         if self.device.type == 'cuda':
             self.student = self.student.to(memory_format=torch.channels_last)
+        # Under torchrun every rank starts from rank 0's initialisation (the single-process one).
+        self.dist.broadcast_(list(self.student.state_dict().values()))
         self.teacher = ConditionalEMA(self.student, a.ema_value) if a.method == 'mixkl' else None
+        self.student_pass = None
+        if self.dist.enabled:
+            if getattr(a, 'sync_bn', False):
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.student_pass = wrap_ddp(StudentPass(self.student), self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=a.lr_max,
                                          momentum=a.momentum, weight_decay=a.weight_decay)
         total = a.epochs * len(self.train_loader)
@@ -477,11 +553,23 @@ class Trainer:
                 if not self.train_epoch(epoch, stop):
                     self.save_checkpoint()
                     script = os.path.basename(sys.argv[0]) or 'the training script'
+                    launcher = (f'torchrun --nproc_per_node={self.dist.world_size}'
+                                if self.dist.enabled else 'python')
                     self.log(f'stopped at epoch {epoch + 1}, step {self.step}; checkpoint saved. '
-                             f'Resume with: python {script} --resume {self.run_dir}')
-                    return 128 + stop.signum
+                             f'Resume with: {launcher} {script} --resume {self.run_dir}')
+                    # Exit together: torchrun stops the others when one process exits non-zero.
+                    self.dist.barrier()
+                    # Under torchrun a rank that got no signal stops because another did.
+                    return 128 + (stop.signum or signal.SIGTERM)
                 self.end_epoch(epoch)
-        atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
+        if self.dist.is_main:
+            atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
+            plots.plot_curves(self.history, self.path('curves.png'))
+        if self.dist.enabled:
+            models = 'the student and the teacher were' if self.teacher is not None \
+                else 'the student was'
+            self.log(f'{models} bitwise identical on all {self.dist.world_size} processes '
+                     'after every epoch')
         self.log(f'done: best test PGD accuracy {self.best_pgd:.4f}; '
                  f'best_model.pth and final_model.pth in {self.run_dir}')
         return 0
@@ -494,49 +582,75 @@ class Trainer:
         self.student.train()
         start = time.time()
         batches = tqdm(self.train_loader.batches(epoch, self.step), total=len(self.train_loader),
-                       initial=self.step, desc=f'epoch {epoch + 1}/{a.epochs}', leave=False)
+                       initial=self.step, desc=f'epoch {epoch + 1}/{a.epochs}', leave=False,
+                       disable=not self.dist.is_main)
         for x, y in batches:
-            if stop.signum is not None:
+            # Under torchrun only the stop agreed by all ranks counts (same step everywhere).
+            if (self._stop_agreed if self.dist.enabled else stop.signum is not None):
                 self.stats['seconds'] += time.time() - start
                 return False
             if self.teacher is not None:
                 loss, clean_logits, adv_logits = mixkl_loss(
-                    a, self.student, self.teacher, x, y, tau, w_kl, self.num_classes)
+                    a, self.student, self.teacher, x, y, tau, w_kl, self.num_classes,
+                    self.student_pass)
             else:
-                loss, clean_logits, adv_logits = fgsm_rs_loss(a, self.student, x, y)
+                loss, clean_logits, adv_logits = fgsm_rs_loss(a, self.student, x, y,
+                                                              self.student_pass)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under torchrun: DDP averages the gradients over the ranks here
             self.optimizer.step()
             self.scheduler.step()
-            self._record_step(epoch, loss, clean_logits, adv_logits, y)
+            # BN running statistics differ per rank (own batches): use rank 0's everywhere,
+            # so that the teacher, which averages them, stays identical on all ranks.
+            self.dist.broadcast_(list(self.student.buffers()))
+            self._record_step(epoch, loss, clean_logits, adv_logits, y, stop)
             batches.set_postfix(loss=f'{self.stats["loss"] / self.stats["n"]:.3f}')
         self.stats['seconds'] += time.time() - start
         return True
 
-    def _record_step(self, epoch, loss, clean_logits, adv_logits, y):
-        """One host sync per step: the loss check, the teacher decision and the epoch stats."""
+    def _record_step(self, epoch, loss, clean_logits, adv_logits, y, stop=None):
+        """One host sync per step: the loss check, the teacher decision and the epoch stats.
+
+        Under torchrun the numbers are summed over the ranks first (one all-reduce),
+        so every rank sees the global batch's counts and takes the same teacher
+        decision, and the ranks agree on a stop requested on any of them.
+        """
         counts = [loss.detach(), (adv_logits.argmax(1) == y).sum()]
         if clean_logits is not None:
             counts.append((clean_logits.argmax(1) == y).sum())
-        values = torch.stack([c.float() for c in counts]).tolist()
+        values = torch.stack([c.float() for c in counts])
+        n = len(y)
+        if self.dist.enabled:
+            stopping = stop is not None and stop.signum is not None
+            values = self.dist.all_sum(torch.cat([values[:1] * n, values[1:],
+                                                  values.new_tensor([n, stopping])]))
+            *values, n, stops = values.tolist()
+            values[0], n, self._stop_agreed = values[0] / n, int(n), stops > 0
+        else:
+            values = values.tolist()
         if not math.isfinite(values[0]):
             raise NonFiniteLoss(f'non-finite loss ({values[0]}) at epoch {epoch + 1}, '
                                 f'step {self.step + 1}')
         if self.teacher is not None and self.teacher.wants_update(values[2], values[1]):
             self.teacher.update(self.student)
             self.stats['teacher_updates'] += 1
-        self.stats['loss'] += values[0] * len(y)
+        self.stats['loss'] += values[0] * n
         self.stats['correct'] += values[1]
-        self.stats['n'] += len(y)
+        self.stats['n'] += n
         self.step += 1
 
     def end_epoch(self, epoch):
         """Evaluate, record the epoch, save best model, checkpoint and metrics."""
         a = self.args
         start = time.time()
-        clean, pgd = evaluate_robustness(self.eval_model, self.test_loader.batches(),
-                                         a.epsilon / 255, a.pgd_alpha / 255, a.pgd_iters)
+        # Under torchrun the ranks split the test batches and sum the counts; the
+        # attacks' random starts then come from (seed, epoch, batch), not the ranks' RNGs.
+        clean, pgd = evaluate_robustness(
+            self.eval_model, self.test_loader.batches(), a.epsilon / 255, a.pgd_alpha / 255,
+            a.pgd_iters, dist=self.dist,
+            seed=a.seed * 100003 + epoch if self.dist.enabled else None)
         alarm_fgsm, alarm_pgd = self._alarm_accuracies()
+        self._check_replicas(epoch)
         tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
         row = dict(epoch=epoch + 1, seconds=round(self.stats['seconds'], 2),
                    eval_seconds=round(time.time() - start, 2),
@@ -550,10 +664,12 @@ class Trainer:
         self.history.append(row)
         if pgd > self.best_pgd:
             self.best_pgd = pgd
-            atomic_save(self.eval_model.state_dict(), self.path('best_model.pth'))
+            if self.dist.is_main:
+                atomic_save(self.eval_model.state_dict(), self.path('best_model.pth'))
         self.epoch, self.step, self.stats = epoch + 1, 0, new_epoch_stats()
         self.save_checkpoint()
-        write_metrics(self.path('metrics.csv'), self.history)
+        if self.dist.is_main:
+            write_metrics(self.path('metrics.csv'), self.history)
         self.log(f'epoch {epoch + 1}/{a.epochs}  {row["seconds"]:.1f}s+{row["eval_seconds"]:.1f}s  '
                  f'lr {row["lr"]:.4g}  loss {row["train_loss"]:.4f}  train acc {row["train_acc"]:.4f}  '
                  f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
@@ -566,29 +682,55 @@ class Trainer:
                      f'is {alarm_fgsm:.4f}')
 
     def _alarm_accuracies(self):
-        """FGSM and PGD accuracy of the student on a fixed batch of training images."""
+        """FGSM and PGD accuracy of the student on a fixed batch of training images.
+
+        Under torchrun each rank takes a contiguous part of the batch and the counts are summed.
+        """
         a = self.args
         x, y = self.alarm_batch
         eps = a.epsilon / 255
-        fgsm, n = evaluate_batches(self.student, [(x, y)],
-                                   lambda m, X, Y: attack_fgsm(m, X, Y, eps))
-        pgd, _ = evaluate_batches(self.student, [(x, y)],
-                                  pgd_attack(eps, a.pgd_alpha / 255, a.pgd_iters, 1))
+        if self.dist.enabled:
+            part = torch.arange(len(y), device=y.device).tensor_split(self.dist.world_size)
+            x, y = x[part[self.dist.rank]], y[part[self.dist.rank]]
+        fgsm = pgd = 0
+        if len(y):
+            fgsm, _ = evaluate_batches(self.student, [(x, y)],
+                                       lambda m, X, Y: attack_fgsm(m, X, Y, eps))
+            pgd, _ = evaluate_batches(self.student, [(x, y)],
+                                      pgd_attack(eps, a.pgd_alpha / 255, a.pgd_iters, 1))
+        fgsm, pgd, n = self.dist.all_sum([fgsm, pgd, len(y)])
         self.student.train()
         return fgsm / n, pgd / n
+
+    def _check_replicas(self, epoch):
+        """Under torchrun: fail loudly unless the student and teacher are bitwise equal on all ranks."""
+        if not self.dist.enabled:
+            return
+        for name, model in (('student', self.student),
+                            ('teacher', self.teacher.model if self.teacher is not None else None)):
+            if model is not None and not self.dist.identical(list(model.state_dict().values())):
+                raise RuntimeError(f'after epoch {epoch + 1} the {name} differs between the '
+                                   f'{self.dist.world_size} processes; this is a bug')
 
     # -- checkpoints -------------------------------------------------------
 
     def save_checkpoint(self):
-        atomic_save({
+        """Rank 0 writes; under torchrun it holds every rank's RNG states (gathered here)."""
+        states = self.dist.gather_objects(rng_state())
+        if not self.dist.is_main:
+            return
+        checkpoint = {
             'format': CHECKPOINT_FORMAT, 'args': vars(self.args),
             'student': self.student.state_dict(),
             'teacher': self.teacher.model.state_dict() if self.teacher is not None else None,
             'teacher_updates': self.teacher.updates if self.teacher is not None else 0,
             'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
             'epoch': self.epoch, 'step': self.step, 'stats': self.stats,
-            'best_pgd': self.best_pgd, 'history': self.history, 'rng': rng_state(),
-        }, self.path('checkpoint.pth'))
+            'best_pgd': self.best_pgd, 'history': self.history, 'rng': states[0],
+        }
+        if self.dist.enabled:
+            checkpoint.update(world_size=self.dist.world_size, rng_per_rank=states)
+        atomic_save(checkpoint, self.path('checkpoint.pth'))
 
     def _restore(self, checkpoint):
         self.student.load_state_dict(checkpoint['student'])
@@ -600,19 +742,47 @@ class Trainer:
         self.epoch, self.step = checkpoint['epoch'], checkpoint['step']
         self.stats, self.best_pgd = checkpoint['stats'], checkpoint['best_pgd']
         self.history = checkpoint['history']
-        set_rng_state(checkpoint['rng'])
+        set_rng_state(checkpoint['rng_per_rank'][self.dist.rank] if self.dist.enabled
+                      else checkpoint['rng'])
         self.log(f'resumed from {self.path("checkpoint.pth")} at epoch {self.epoch + 1}, '
                  f'step {self.step}')
 
 
-def evaluate_robustness(model, batches, epsilon, alpha, attack_iters):
-    """Clean and PGD accuracy (one restart) of ``model`` on the same batches."""
+def evaluate_robustness(model, batches, epsilon, alpha, attack_iters, dist=None, seed=None):
+    """Clean and PGD accuracy (one restart) of ``model`` on the same batches.
+
+    With ``dist`` (torchrun, world size N) rank r evaluates batches r, r + N, ...
+    and the counts are summed over the ranks. With ``seed`` each batch's random
+    starts come from a generator seeded by (seed, batch index), leaving the
+    global RNG as it was: the result then does not depend on the number of
+    processes. Without either, this is the single-process evaluation.
+    """
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     clean = robust = total = 0
-    for X, y in batches:
-        c, n = evaluate_batches(model, [(X, y)])
-        r, _ = evaluate_batches(model, [(X, y)], pgd_attack(epsilon, alpha, attack_iters, 1))
+    for i, (X, y) in enumerate(batches):
+        if i % world_size != rank:
+            continue
+        with batch_rng(seed, i, X.device):
+            c, n = evaluate_batches(model, [(X, y)])
+            r, _ = evaluate_batches(model, [(X, y)], pgd_attack(epsilon, alpha, attack_iters, 1))
         clean, robust, total = clean + c, robust + r, total + n
+    if dist is not None:
+        clean, robust, total = dist.all_sum([clean, robust, total])
     return clean / total, robust / total
+
+
+def batch_rng(seed, index, device):
+    """Global RNGs seeded by (seed, index) inside, restored on exit; nothing when seed is None."""
+    if seed is None:
+        return contextlib.nullcontext()
+    return _seeded_rng(hash((seed, index)) & 0x7fffffffffffffff, device)
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed, device):
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def new_epoch_stats():
@@ -644,6 +814,40 @@ def new_run_dir(args):
     return os.path.abspath(run_dir)
 
 
+def check_world_size(checkpoint, run_dir, world_size):
+    """A run resumes with as many processes as it was trained with (1 without torchrun)."""
+    saved = checkpoint.get('world_size', 1)
+    if saved != world_size:
+        def launch(n):
+            return f'torchrun --nproc_per_node={n} (or nodes x processes = {n})' if n > 1 \
+                else 'python, without torchrun'
+        raise InputError(f'--resume {run_dir}: the run was trained by {saved} process(es) and '
+                         f'must be resumed by as many ({launch(saved)}), not {world_size}: '
+                         'each process\'s share of the batches and its random state are part '
+                         'of the checkpoint')
+
+
+def check_shares(n, batch_size, world_size):
+    """Under torchrun every rank needs at least one image of every batch, the last one too."""
+    smallest = n % batch_size or batch_size
+    if world_size > 1 and smallest < world_size:
+        raise InputError(f'a batch of {smallest} training image(s) cannot be shared by '
+                         f'{world_size} processes; change --batch-size or --train-examples')
+
+
+def wrap_ddp(module, device):
+    """PyTorch's DistributedDataParallel around ``module`` (a StudentPass).
+
+    Buffers are not broadcast at each forward: train_epoch broadcasts the BN
+    buffers after every step instead, before the teacher reads them.
+    """
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_forward_sync = {'forward_sync_buffers': False} if 'forward_sync_buffers' in params \
+        else {'broadcast_buffers': False}
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == 'cuda'
+                                   else None, **no_forward_sync)
+
+
 def write_metrics(path, rows):
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
@@ -653,14 +857,21 @@ def write_metrics(path, rows):
 
 
 def main(dataset, argv=None):
+    """Train; under torchrun (WORLD_SIZE > 1) as one process of the group."""
     args, parser = parse_args(dataset, argv)
+    dist = None
     try:
-        trainer = Trainer(args, parser)
+        dist = Distributed.from_env(args.device)
+        trainer = Trainer(args, parser, dist)
         code = trainer.fit()
     except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
+        rank = os.environ.get('RANK') if int(os.environ.get('WORLD_SIZE', '1')) > 1 else None
+        print(f'{f"[rank {rank}] " if rank is not None else ""}error: {e}', file=sys.stderr)
         code = 2
     except NonFiniteLoss as e:
         trainer.log(f'error: {e}; stopping. The last good checkpoint is kept in {trainer.run_dir}')
         code = 1
+    finally:
+        if dist is not None:
+            dist.close()
     sys.exit(code)

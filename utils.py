@@ -302,6 +302,10 @@ def pgd_attack(epsilon, alpha, attack_iters, restarts, loss='ce'):
 # ---------------------------------------------------------------------------
 # Files: written atomically, read without executing code
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
@@ -310,6 +314,7 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results private
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -321,8 +326,12 @@ def atomic_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(path, data):
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def sha256_file(path):
@@ -398,9 +407,20 @@ def attack_fgsm(model, X, y, epsilon):
 # ---------------------------------------------------------------------------
 # Synthetic data in the CIFAR layout
 
-def learnable_images(labels, num_classes, rng):
-    """Images a small model can classify: a class-specific colour plus noise."""
-    palette = rng.integers(40, 216, size=(num_classes, 3))
+def class_palette(num_classes, rng):
+    """Distinct colours from an evenly spaced grid: classes stay apart under small attacks."""
+    levels = next(k for k in range(2, 100) if k ** 3 >= num_classes)
+    grid = np.stack(np.meshgrid(*[np.linspace(40, 216, levels).round()] * 3), -1).reshape(-1, 3)
+    return grid[rng.permutation(len(grid))[:num_classes]].astype(np.int64)
+
+
+def learnable_images(labels, num_classes, rng, palette=None):
+    """Images a small model can classify: a class-specific colour plus noise.
+
+    Pass the same ``palette`` (see class_palette) for every split of a dataset.
+    """
+    if palette is None:
+        palette = class_palette(num_classes, rng)
     images = palette[labels][:, :, None, None] + rng.integers(-30, 31, size=(len(labels), 3, 32, 32))
     return np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
 
@@ -418,11 +438,12 @@ def write_synthetic_cifar(root, dataset='cifar10', n_train=200, n_test=100, seed
     train_files, test_files = spec['train_files'], spec['test_files']
     classes = num_classes or spec['num_classes']
     rng = np.random.default_rng(seed)
+    palette = class_palette(classes, rng)
     os.makedirs(os.path.join(root, folder), exist_ok=True)
     splits = [(train_files, n_train), (test_files, n_test)]
     for files, n in splits:
         labels = rng.integers(0, classes, size=n)
-        images = learnable_images(labels, classes, rng) if learnable else \
+        images = learnable_images(labels, classes, rng, palette) if learnable else \
             rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         for i, name in enumerate(files):
             part = slice(i * n // len(files), (i + 1) * n // len(files))

@@ -152,17 +152,7 @@ def adversarially_trained_mlp(eps):
     return model.eval(), X[512:], y[512:]
 
 
-@pytest.fixture
-def one_thread():
-    """AutoAttack runs thousands of tiny ops here; threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_autoattack_is_at_most_pgd20_at_most_clean_on_an_adversarially_trained_model(
-        tmp_path, one_thread):
+def test_autoattack_is_at_most_pgd20_at_most_clean_on_an_adversarially_trained_model(tmp_path):
     model, X, y = adversarially_trained_mlp(16 / 255)
     args = argparse.Namespace(attacks=['clean', 'pgd20', 'aa'], epsilon=16.0, alpha=2.0,
                               restarts=1, seed=0, batch_size=128)

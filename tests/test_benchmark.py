@@ -1,0 +1,97 @@
+"""benchmark.py: it runs end to end on CPU, prints every figure, and compares like with like.
+
+The speed itself is not tested (it is a script, not a timed test); the runs
+here are tiny: one step of batch 8 at width 8.
+"""
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import benchmark
+import mixkl
+from preactresnet import PreActResNet18
+from utils import load_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--device', 'cpu', '--batch-size', '8', '--width', '8', '--eval-images', '8']
+
+
+def run_benchmark(*flags):
+    result = subprocess.run([sys.executable, 'benchmark.py', *TINY, *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def figure(pattern, out):
+    match = re.search(pattern, out, re.MULTILINE)
+    assert match, f'{pattern!r} not in output:\n{out}'
+    return float(match.group(1))
+
+
+def test_benchmark_prints_both_paths_eval_memory_and_projection():
+    out = run_benchmark('--steps', '1', '--warmup', '0')
+    project = figure(r'^project path: +([\d.]+) images/s', out)
+    reference = figure(r'^reference path: +([\d.]+) images/s', out)
+    ratio = figure(r'^ratio project/reference: ([\d.]+)x', out)
+    assert project > 0 and reference > 0
+    assert abs(ratio - project / reference) <= 0.01 + 0.01 * ratio  # printed to 2 decimals
+    assert figure(r'^PGD-10 eval: +([\d.]+) images/s', out) > 0
+    assert figure(r'^  project path: +([\d.]+) h', out) > 0
+    assert figure(r'^  reference path: +([\d.]+) h', out) > 0
+    assert figure(r'^peak memory: +(\d+) MiB peak RSS', out) > 0
+    assert 'device:  ' in out and f'torch:   {torch.__version__}' in out
+    assert 'command: python benchmark.py --device cpu' in out
+
+
+def test_check_mode_prints_both_accuracies(capsys):
+    # In this process: a second interpreter would pay torch's import again.
+    benchmark.main([*TINY, '--check', '--check-steps', '2', '--check-width', '8',
+                    '--check-train-images', '16'])
+    out = capsys.readouterr().out
+    on = figure(r'^amp on : teacher test clean accuracy ([\d.]+)', out)
+    off = figure(r'^amp off: teacher test clean accuracy ([\d.]+)', out)
+    assert 0 <= on <= 1 and 0 <= off <= 1
+    assert 'never uses autocast on CPU' in out
+    assert 'command: python benchmark.py --device cpu' in out
+
+
+def test_reference_loss_is_the_project_loss_with_another_fgsm_step():
+    """Same RNG draws, same batch: the same loss and the same parameter gradients.
+
+    So the reference path differs from the project path only where it is meant
+    to (data pipeline, precision, how the FGSM gradient is computed).
+    """
+    args = mixkl.parse_args('cifar10', ['--width', '8'])[0]
+    torch.manual_seed(0)
+    student = PreActResNet18(10, 8)
+    teacher = mixkl.ConditionalEMA(student, args.ema_value)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    results = []
+    for loss_fn, model in ((mixkl.mixkl_loss, student),
+                           (benchmark.reference_mixkl_loss, copy.deepcopy(student))):
+        np.random.seed(1)
+        torch.manual_seed(1)
+        model.train()
+        loss, _, _ = loss_fn(args, model, teacher, x, y, 2.0, 1.0, 10)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (project_loss, project_grads), (reference_loss, reference_grads) = results
+    torch.testing.assert_close(reference_loss, project_loss)
+    for ours, theirs in zip(project_grads, reference_grads):
+        torch.testing.assert_close(theirs, ours)
+
+
+def test_torchvision_reads_the_files_load_cifar_reads(tmp_path):
+    root = str(tmp_path)
+    benchmark.write_cifar_files(root, 'cifar100', n_train=20, n_test=5, seed=3)
+    x, y = load_cifar('cifar100', root, train=True, download=False, quiet=True)
+    dataset = benchmark.UncheckedCIFAR100(root, train=True)
+    assert np.array_equal(dataset.data, x.permute(0, 2, 3, 1).numpy())
+    assert dataset.targets == y.tolist()

@@ -1,0 +1,252 @@
+"""Training under torchrun (DistributedDataParallel), on CPU with gloo and 2 processes.
+
+Every test launches real processes through ``python -m torch.distributed.run``
+(what ``torchrun`` runs) on synthetic data in the CIFAR layout.
+"""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from utils import write_synthetic_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small enough for a slow CPU, long enough (4 steps x 3 epochs) to be stopped part way.
+TRAIN_FLAGS = ['--epochs', '3', '--train-examples', '128', '--eval-examples', '32',
+               '--batch-size', '32', '--width', '8', '--alarm-examples', '16',
+               '--eval-batch-size', '16']
+
+
+def torchrun(nproc, *argv):
+    return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+            '--standalone', *map(str, argv)]
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=ROOT)
+    e.pop('WORLD_SIZE', None)
+    return e
+
+
+def run(cmd, cwd, timeout=240):
+    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+                            timeout=timeout)
+    return result, result.stdout + result.stderr
+
+
+def run_dir_of(out_dir):
+    runs = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return [{k: v for k, v in row.items() if 'seconds' not in k} for row in csv.DictReader(f)]
+
+
+def same_weights(path_a, path_b):
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return write_synthetic_cifar(str(tmp_path_factory.mktemp('data')), n_train=128, n_test=32,
+                                 learnable=True)
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory, data_dir):
+    """One uninterrupted 2-process MIX-KL run: (run directory, its output)."""
+    work = tmp_path_factory.mktemp('ddp_run')
+    result, output = run(torchrun(2, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--data-dir',
+                                  data_dir, '--out_dir', work / 'out', *TRAIN_FLAGS), work)
+    assert result.returncode == 0, output
+    return run_dir_of(work / 'out'), output
+
+
+def test_training_under_torchrun(ddp_run):
+    run_dir, output = ddp_run
+    # _check_replicas compares the student and the teacher of every rank with rank 0's,
+    # bitwise, after every epoch and fails the run otherwise.
+    assert 'bitwise identical on all 2 processes after every epoch' in output
+    assert output.count('epoch 3/3 ') == 1  # only rank 0 logs
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['world_size'] == 2
+    assert len(metrics(run_dir)) == 3
+    checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)
+    assert checkpoint['world_size'] == 2 and len(checkpoint['rng_per_rank']) == 2
+    # Each rank draws its own mixup and random starts.
+    assert not torch.equal(checkpoint['rng_per_rank'][0]['torch'],
+                           checkpoint['rng_per_rank'][1]['torch'])
+    for name in ('best_model.pth', 'final_model.pth'):
+        state = torch.load(os.path.join(run_dir, name), weights_only=True)
+        assert 'conv1.weight' in state and not any(k.startswith('module.') for k in state)
+    assert not any(k.startswith('module.') for k in checkpoint['student'])
+
+
+def test_checkpoint_evaluates(ddp_run, data_dir, tmp_path):
+    run_dir, _ = ddp_run
+    result, output = run([sys.executable, os.path.join(ROOT, 'test_cifar10.py'), '--model_path',
+                          run_dir, '--data-dir', data_dir, '--attacks', 'clean,pgd10',
+                          '--n_ex', '16', '--out_dir', tmp_path / 'eval', '--device', 'cpu'],
+                         tmp_path)
+    assert result.returncode == 0, output
+    report = json.load(open(tmp_path / 'eval' / 'results.json'))
+    assert len(report['results']) == 2
+    assert all(r['attacks']['pgd10']['n'] == 16 for r in report['results'])
+
+
+def test_resume_needs_the_same_world_size(ddp_run, data_dir, tmp_path):
+    run_dir, _ = ddp_run
+    result, output = run([sys.executable, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--resume',
+                          run_dir, '--data-dir', data_dir], tmp_path)
+    assert result.returncode == 2, output
+    assert 'trained by 2 process(es)' in output and 'torchrun --nproc_per_node=2' in output
+
+
+def _worker_pids(launcher_pid):
+    """{RANK: pid} of the processes torchrun started."""
+    pids = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                environ = dict(v.split(b'=', 1) for v in f.read().split(b'\0') if b'=' in v)
+        except (OSError, IndexError, ValueError):
+            continue
+        if b'RANK' in environ:
+            pids[int(environ[b'RANK'])] = int(entry)
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs /proc to find the workers')
+def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop at the same step; the resumed run then ends
+    with exactly the weights and metrics of the uninterrupted run."""
+    reference_dir, _ = ddp_run
+    out = tmp_path / 'out'
+    launcher = subprocess.Popen(
+        torchrun(2, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--data-dir', data_dir,
+                 '--out_dir', out, *TRAIN_FLAGS),
+        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        # The first epoch's checkpoint: both ranks are inside the training loop.
+        while time.time() < deadline and launcher.poll() is None and not (
+                os.path.isdir(out) and os.listdir(out)
+                and os.path.exists(os.path.join(run_dir_of(out), 'checkpoint.pth'))):
+            time.sleep(0.02)
+        workers = _worker_pids(launcher.pid)
+        assert launcher.poll() is None and set(workers) == {0, 1}, launcher.communicate()[0]
+        os.kill(workers[1], signal.SIGTERM)
+        output = launcher.communicate(timeout=180)[0]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    run_dir = run_dir_of(out)
+    assert 'stopped at epoch' in output, 'the run ended before the signal came?\n' + output
+    assert launcher.returncode != 0  # torchrun reports the workers' exit code 128 + SIGTERM
+    checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)
+    assert checkpoint['epoch'] >= 1 and checkpoint['world_size'] == 2
+    assert not os.path.exists(os.path.join(run_dir, 'final_model.pth'))
+
+    result, output = run(torchrun(2, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--resume',
+                                  run_dir), tmp_path)
+    assert result.returncode == 0, output
+    assert f'resumed from {run_dir}' in output
+    assert metrics(run_dir) == metrics(reference_dir)
+    for name in ('final_model.pth', 'best_model.pth'):
+        assert same_weights(os.path.join(run_dir, name), os.path.join(reference_dir, name)), name
+
+
+GRADIENT_AND_EVAL_SCRIPT = '''
+import copy, json, sys
+import torch
+import mixkl
+from ddp import Distributed
+from preactresnet import PreActResNet18
+
+dist = Distributed.from_env('cpu')
+assert dist.enabled and dist.world_size == 2
+rank, out = dist.rank, {}
+args = mixkl.parse_args('cifar10', ['--width', '8', '--epsilon', '4'])[0]
+torch.manual_seed(0)
+model = PreActResNet18(10, 8)  # the same weights on both ranks
+x, y = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))  # one global batch
+
+# DDP over the StudentPass averages the gradients of the ranks' shares (rank r: x[r::2],
+# its own RNG seed 100 + r): compare with two single-process steps, one per share.
+for method in ('mixkl', 'fgsm_rs'):
+    args.method, args.alpha = method, mixkl.DEFAULT_ALPHA[method]
+
+    def loss_of(student, share, seed, student_pass=None):
+        mixkl.seed_everything(seed)
+        if method == 'fgsm_rs':
+            return mixkl.fgsm_rs_loss(args, student, x[share::2], y[share::2], student_pass)[0]
+        teacher = mixkl.ConditionalEMA(model, args.ema_value)
+        return mixkl.mixkl_loss(args, student, teacher, x[share::2], y[share::2], 2.0, 1.0, 10,
+                                student_pass)[0]
+
+    single = []
+    for share in range(2):
+        student = copy.deepcopy(model).train()
+        loss_of(student, share, 100 + share).backward()
+        single.append([p.grad for p in student.parameters()])
+    expected = [(a + b) / 2 for a, b in zip(*single)]
+    student = copy.deepcopy(model).train()
+    ddp = mixkl.wrap_ddp(mixkl.StudentPass(student), dist.device)  # alive until the backward
+    loss_of(student, rank, 100 + rank, ddp).backward()
+    grads = [p.grad for p in student.parameters()]
+    out[method] = dict(
+        max_error=max((g - e).abs().max().item() for g, e in zip(grads, expected)),
+        local_vs_average=max((s - e).abs().max().item() for s, e in zip(single[rank], expected)),
+        identical_on_ranks=dist.identical(grads))
+
+# The per-epoch evaluation split over the ranks equals the single-process evaluation.
+torch.manual_seed(1)  # the same images on both ranks
+x_eval, y_random = torch.rand(40, 3, 32, 32), torch.randint(0, 10, (40,))
+for m in model.modules():  # BN statistics of these images, so that predictions vary
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.momentum = None
+with torch.no_grad():  # labels: mostly the model's own predictions, so PGD has work to do
+    model.train()(x_eval)
+    y_eval = torch.where(torch.arange(40) % 4 == 0, y_random, model.eval()(x_eval).argmax(1))
+batches = [(x_eval[i:i + 8], y_eval[i:i + 8]) for i in range(0, 40, 8)]  # 5: 3 + 2 per rank
+evaluate = lambda dist: mixkl.evaluate_robustness(model, batches, 0.5 / 255, 0.125 / 255, 3,
+                                                  dist=dist, seed=7)
+rng_before = torch.get_rng_state()
+out['distributed'] = evaluate(dist)
+out['single'] = evaluate(None)
+out['rng_untouched'] = torch.equal(rng_before, torch.get_rng_state())
+if rank == 0:
+    json.dump(out, open(sys.argv[1], 'w'))
+dist.close()
+'''
+
+
+def test_gradients_averaged_and_evaluation_split(tmp_path):
+    script = tmp_path / 'check.py'
+    script.write_text(textwrap.dedent(GRADIENT_AND_EVAL_SCRIPT))
+    result, output = run(torchrun(2, script, tmp_path / 'out.json'), tmp_path)
+    assert result.returncode == 0, output
+    out = json.load(open(tmp_path / 'out.json'))
+    for method in ('mixkl', 'fgsm_rs'):
+        assert out[method]['identical_on_ranks'], method
+        assert out[method]['max_error'] < 1e-5, (method, out[method])
+        assert out[method]['local_vs_average'] > 1e-3, 'the two shares should differ'
+    assert out['distributed'] == out['single']
+    assert 0 < out['single'][1] < out['single'][0]  # PGD breaks some, not all
+    assert out['rng_untouched']

@@ -1,0 +1,433 @@
+"""The experiments: the baseline and the ablation flags, the overfitting alarm,
+the training curves and the summary table.
+
+The end-to-end runs go through MIX_KL_CIFAR10.py on a tiny synthetic CIFAR-10;
+the in-process tests show that each ablation flag really removes its loss term.
+"""
+import copy
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mixkl
+import plots
+import summarize as summarize_module
+from preactresnet import PreActResNet18
+from utils import load_model_weights, sha256_file, write_synthetic_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ['--epochs', '2', '--train-examples', '64', '--eval-examples', '32',
+            '--batch-size', '32', '--width', '8', '--alarm-examples', '16']
+
+
+# ---------------------------------------------------------------------------
+# End to end: the baseline, FGSM-RS and every ablation train and save
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return write_synthetic_cifar(str(tmp_path_factory.mktemp('data')), n_train=64, n_test=32,
+                                 learnable=True)
+
+
+def train(data_dir, out_dir, flags):
+    """Run MIX_KL_CIFAR10.py on the tiny data; returns (run directory, config, metrics rows)."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--data-dir', data_dir,
+         '--out_dir', str(out_dir), '--device', 'cpu'] + TINY_RUN + flags,
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir, = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return run_dir, config, rows
+
+
+@pytest.fixture(scope='module')
+def baseline(data_dir, tmp_path_factory):
+    return train(data_dir, tmp_path_factory.mktemp('baseline'), [])
+
+
+# flags, config entry it sets, epoch (1-based) whose training loss it must change
+ABLATIONS = {
+    'fgsm_rs': (['--method', 'fgsm_rs'], ('method', 'fgsm_rs'), 1),
+    'no_mixup': (['--mixup-alpha', '0'], ('mixup_alpha', 0), 1),
+    'no_kl': (['--lambda-kl-base', '0'], ('lambda_kl_base', 0), 1),
+    'no_consistency': (['--lamda', '0'], ('lamda', 0), 1),
+    'constant_tau': (['--tau-schedule', 'constant'], ('tau_schedule', 'constant'), 2),
+    'zero_start': (['--delta-init', 'zero'], ('delta_init', 'zero'), 1),
+}
+
+
+@pytest.mark.parametrize('name', ABLATIONS)
+def test_ablation_trains_end_to_end(name, data_dir, baseline, tmp_path):
+    flags, (key, value), changed_epoch = ABLATIONS[name]
+    run_dir, config, rows = train(data_dir, tmp_path, flags)
+    _, base_config, base_rows = baseline
+
+    assert config[key] == value and base_config[key] != value
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert all(np.isfinite(r['train_loss']) for r in rows)
+    for checkpoint in ('best_model.pth', 'final_model.pth'):
+        model = load_model_weights(os.path.join(run_dir, checkpoint), PreActResNet18, 10)
+        assert model.width == 8
+    # Same seed, same data: the flag must reach the loss.
+    epoch = changed_epoch - 1
+    assert rows[epoch]['train_loss'] != base_rows[epoch]['train_loss']
+
+    if name == 'fgsm_rs':
+        assert config['alpha'] == 10 and base_config['alpha'] == 8
+        assert all(r['teacher_updates'] == 0 for r in rows)
+    if name == 'no_kl':
+        assert [r['kl_weight'] for r in rows] == [0, 0]
+    if name == 'constant_tau':
+        assert [r['tau'] for r in rows] == [2, 2]
+        assert [r['kl_weight'] for r in rows] == [1, 1]
+        assert [r['tau'] for r in base_rows] == [2, pytest.approx(1.98)]
+
+
+# ---------------------------------------------------------------------------
+# In process: each flag removes exactly its component
+
+def method_args(*flags):
+    args, _ = mixkl.parse_args('cifar10', list(flags))
+    return args
+
+
+def small_batch(n=8):
+    torch.manual_seed(1)
+    return torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
+
+
+def student_gradient(args, student, teacher, x, y, tau=2.0):
+    """Gradient of mixkl_loss w.r.t. the student's weights, with the random draws fixed."""
+    student = copy.deepcopy(student)  # BN running statistics must not carry over
+    np.random.seed(0)
+    torch.manual_seed(0)
+    w_kl = mixkl.kl_weight(tau, args.tau0, args.lambda_kl_base)
+    loss, _, _ = mixkl.mixkl_loss(args, student, teacher, x, y, tau, w_kl, 10)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+
+def two_teachers(student):
+    """The teacher of a fresh run, and one whose predictions differ."""
+    teacher = mixkl.ConditionalEMA(student, 0.82)
+    changed = mixkl.ConditionalEMA(student, 0.82)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        changed.model.linear.weight.add_(torch.randn_like(changed.model.linear.weight))
+    return teacher, changed
+
+
+@pytest.mark.parametrize('lambda_kl_base, teacher_matters', [('1', True), ('0', False)])
+def test_kl_weight_zero_cuts_the_teacher_out(lambda_kl_base, teacher_matters):
+    torch.manual_seed(0)
+    student = PreActResNet18(10, width=8).train()
+    teacher, changed_teacher = two_teachers(student)
+    args = method_args('--lambda-kl-base', lambda_kl_base)
+    x, y = small_batch()
+    grad = student_gradient(args, student, teacher, x, y)
+    grad_other_teacher = student_gradient(args, student, changed_teacher, x, y)
+    assert torch.equal(grad, grad_other_teacher) != teacher_matters
+
+
+class CleanForwardProbe(torch.nn.Module):
+    """The student, with a zero added to the logits of its clean forward.
+
+    The zero is a leaf tensor: it receives a gradient exactly when the clean
+    forward takes part in the loss. mixkl_loss asks for features on every
+    forward except the clean one.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.zero = torch.zeros(1, 10, requires_grad=True)
+        self.clean_calls = 0
+
+    def forward(self, x, return_features=False):
+        if return_features:
+            return self.model(x, return_features=True)
+        self.clean_calls += 1
+        return self.model(x) + self.zero
+
+
+@pytest.mark.parametrize('lamda, clean_matters', [('12', True), ('0', False)])
+def test_lamda_zero_cuts_the_clean_forward_out(lamda, clean_matters):
+    torch.manual_seed(0)
+    probe = CleanForwardProbe(PreActResNet18(10, width=8).train())
+    teacher = mixkl.ConditionalEMA(probe.model, 0.82)
+    x, y = small_batch()
+    loss, _, _ = mixkl.mixkl_loss(method_args('--lamda', lamda), probe, teacher, x, y,
+                                  2.0, 1.0, 10)
+    loss.backward()
+    assert probe.clean_calls == 1
+    reached = probe.zero.grad is not None and probe.zero.grad.abs().sum() > 0
+    assert reached == clean_matters
+
+
+def test_mixup_alpha_zero_keeps_images_and_one_hot_labels():
+    x, y = small_batch()
+    np.random.seed(0)
+    xm, ym, lam = mixkl.mixup(x, y, 10, 0.0)
+    assert torch.equal(xm, x) and lam == 1
+    assert torch.equal(ym, torch.nn.functional.one_hot(y, 10).float())
+    xm, ym, lam = mixkl.mixup(x, y, 10, 0.4)
+    assert 0 < lam < 1 and not torch.equal(xm, x)
+    assert (ym.max(1).values < 1).any()
+
+
+def test_constant_tau_schedule_keeps_tau0():
+    args = method_args('--tau-schedule', 'constant')
+    taus = [mixkl.temperature(e, args.tau0, args.gamma, args.tau_schedule) for e in range(110)]
+    assert taus == [2.0] * 110
+    assert {mixkl.kl_weight(t, args.tau0, args.lambda_kl_base) for t in taus} == {1.0}
+    geometric = [mixkl.temperature(e, 2.0, 0.99) for e in (0, 1, 109)]
+    assert geometric == pytest.approx([2.0, 1.98, 2.0 * 0.99 ** 109])
+
+
+class InputRecorder(torch.nn.Module):
+    """The student, remembering the input of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x, return_features=False):
+        self.inputs.append(x.detach().clone())
+        return self.model(x, return_features=return_features)
+
+
+@pytest.mark.parametrize('delta_init', ['random', 'zero'])
+def test_delta_init_zero_starts_the_fgsm_step_at_the_image(delta_init):
+    torch.manual_seed(0)
+    recorder = InputRecorder(PreActResNet18(10, width=8).train())
+    teacher = mixkl.ConditionalEMA(recorder.model, 0.82)
+    args = method_args('--delta-init', delta_init, '--mixup-alpha', '0')
+    x, y = small_batch()
+    mixkl.mixkl_loss(args, recorder, teacher, x, y, 2.0, 1.0, 10)
+    start = recorder.inputs[0] - x  # the first forward is the FGSM step's
+    if delta_init == 'zero':
+        assert torch.equal(start, torch.zeros_like(x))
+    else:
+        inside = (x > 4 / 255) & (x < 1 - 4 / 255)  # where clipping to [0, 1] cannot bite
+        assert torch.allclose(start[inside].abs(), torch.tensor(4 / 255), atol=1e-6)
+    assert mixkl.random_start(x, 8 / 255, 'zero').abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------
+# The catastrophic overfitting alarm
+
+def history(fgsm, pgd):
+    """Metrics rows with the given alarm accuracies (the other columns are filler)."""
+    return [dict({k: 0.0 for k in mixkl.METRIC_FIELDS}, epoch=i + 1, alarm_fgsm_acc=f,
+                 alarm_pgd_acc=p) for i, (f, p) in enumerate(zip(fgsm, pgd))]
+
+
+def alarm_epochs(rows):
+    """The epochs (1-based) after which the trainer's alarm fires."""
+    return [n for n in range(1, len(rows) + 1)
+            if mixkl.overfitting_alarm([r['alarm_fgsm_acc'] for r in rows[:n]],
+                                       [r['alarm_pgd_acc'] for r in rows[:n]])]
+
+
+def test_alarm_fires_when_pgd_collapses_while_fgsm_holds():
+    # Catastrophic overfitting at epoch 5: PGD accuracy collapses, FGSM accuracy jumps.
+    rows = history(fgsm=[0.40, 0.45, 0.48, 0.50, 0.85, 0.92],
+                   pgd=[0.30, 0.34, 0.37, 0.39, 0.02, 0.00])
+    assert alarm_epochs(rows) == [5, 6]
+
+
+def test_alarm_is_silent_on_healthy_training():
+    rows = history(fgsm=[0.40, 0.45, 0.48, 0.50, 0.49, 0.55],
+                   pgd=[0.30, 0.34, 0.37, 0.39, 0.33, 0.41])
+    assert alarm_epochs(rows) == []
+
+
+def test_alarm_is_silent_when_fgsm_falls_too():
+    # Both attacks succeed more: the model got weaker, not gradient-masked.
+    rows = history(fgsm=[0.40, 0.45, 0.10], pgd=[0.30, 0.35, 0.05])
+    assert alarm_epochs(rows) == []
+    assert not mixkl.overfitting_alarm([], [])
+    assert not mixkl.overfitting_alarm([0.0, 0.0], [0.0, 0.0])
+
+
+# ---------------------------------------------------------------------------
+# curves.png
+
+def png_size(path):
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR'
+    return struct.unpack('>II', head[16:24])
+
+
+def test_plot_curves_writes_the_panels(tmp_path):
+    rows = history(fgsm=[0.4, 0.5, 0.9], pgd=[0.3, 0.35, 0.0])
+    for i, row in enumerate(rows):
+        row.update(test_clean_acc=0.5 + 0.1 * i, test_pgd_acc=0.2 + 0.05 * i,
+                   train_loss=2.0 - 0.3 * i, tau=2 * 0.99 ** i, kl_weight=0.99 ** (2 * i))
+    # As read back from metrics.csv: every number a string.
+    mixkl.write_metrics(str(tmp_path / 'metrics.csv'), rows)
+    with open(tmp_path / 'metrics.csv', newline='') as f:
+        rows_from_csv = list(csv.DictReader(f))
+    path = str(tmp_path / 'curves.png')
+
+    titles = plots.plot_curves(rows_from_csv, path)
+
+    assert titles == ['Test accuracy', 'Training loss', 'Temperature and KL weight',
+                      'Overfitting alarm: student on training images']
+    assert png_size(path) == (1000, 700)
+    assert sorted(os.listdir(tmp_path)) == ['curves.png', 'metrics.csv']  # no temporary left
+    from PIL import Image
+    pixels = np.asarray(Image.open(path).convert('RGB')).reshape(-1, 3)
+    blue, orange = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
+    assert (pixels == blue).all(1).sum() > 1000 and (pixels == orange).all(1).sum() > 1000
+
+
+# ---------------------------------------------------------------------------
+# summarize.py
+
+def write_run(parent, name, flags, metrics):
+    """A run directory written by hand: config.json, metrics.csv, model files."""
+    run_dir = parent / name
+    run_dir.mkdir()
+    args, _ = mixkl.parse_args('cifar10', flags)
+    config = {**vars(args), 'data_dir': '/elsewhere', 'out_dir': str(parent),
+              'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py'}
+    (run_dir / 'config.json').write_text(json.dumps(config))
+    rows = [dict({k: 0 for k in mixkl.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
+                 test_clean_acc=c, test_pgd_acc=p) for i, (s, e, c, p) in enumerate(metrics)]
+    mixkl.write_metrics(str(run_dir / 'metrics.csv'), rows)
+    for checkpoint in ('best_model.pth', 'final_model.pth'):
+        (run_dir / checkpoint).write_bytes(f'weights of {name}/{checkpoint}'.encode())
+    return run_dir
+
+
+def write_results(path, entries, n=10000):
+    """An evaluate.py results.json; entries: (checkpoint path, sha256, AutoAttack accuracy)."""
+    results = [dict(checkpoint=str(c), sha256=digest, width=64,
+                    attacks={'clean': dict(accuracy=0.9, correct=int(0.9 * n), n=n, seconds=1),
+                             'aa': dict(accuracy=aa, correct=int(aa * n), n=n, seconds=9)})
+               for c, digest, aa in entries]
+    path.write_text(json.dumps(dict(dataset='cifar10', n_examples=n, epsilon_255=8.0,
+                                    attacks=['clean', 'aa'], results=results)))
+
+
+def summarize(*paths):
+    """summarize.py as a user runs it."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'summarize.py')]
+                            + [str(p) for p in paths], capture_output=True, text=True, cwd=ROOT)
+    return result.returncode, result.stdout, result.stderr
+
+
+def summarize_in_process(capsys, *paths):
+    """summarize.main without a new interpreter (importing torch costs seconds)."""
+    code = summarize_module.main([str(p) for p in paths])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(markdown):
+    lines = markdown.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert set(lines[1]) <= set('|-')
+    return [dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
+            for line in lines[2:]]
+
+
+def test_summarize_table(tmp_path):
+    # epoch: (seconds, eval seconds, clean, PGD); the best PGD is at epoch 2, not the last.
+    base = write_run(tmp_path, 'base', [], [(50, 10, 0.60, 0.30), (50, 10, 0.70, 0.45),
+                                            (50, 10, 0.75, 0.40)])
+    ablation = write_run(tmp_path, 'no-kl', ['--lambda-kl-base', '0', '--no-amp', '--epochs', '3'],
+                         [(30, 6, 0.50, 0.20)])
+    fgsm = write_run(tmp_path, 'fgsm', ['--method', 'fgsm_rs', '--alpha', '8'],
+                     [(20, 4, 0.80, 0.00)])
+    eval_dir = tmp_path / 'eval'
+    eval_dir.mkdir()
+    write_results(eval_dir / 'results.json',
+                  [(base / 'best_model.pth', sha256_file(base / 'best_model.pth'), 0.4123),
+                   (base / 'final_model.pth', sha256_file(base / 'final_model.pth'), 0.3987)])
+    # An evaluation inside the run directory, on 1000 images, found without being named.
+    (ablation / 'eval').mkdir()
+    write_results(ablation / 'eval' / 'results.json',
+                  [(ablation / 'final_model.pth', sha256_file(ablation / 'final_model.pth'), 0.1)],
+                  n=1000)
+
+    code, out, err = summarize(base, ablation, fgsm, eval_dir)
+
+    assert code == 0, err
+    rows = table_rows(out)
+    assert [r['run'] for r in rows] == ['base', 'no-kl', 'fgsm']
+    assert rows[0] == {
+        'run': 'base', 'dataset': 'CIFAR-10', 'method': 'mixkl', 'changed flags': '(defaults)',
+        'epochs': '3/110', 'best epoch': '2', 'best clean': '70.00%', 'best PGD': '45.00%',
+        'final clean': '75.00%', 'final PGD': '40.00%', 'AA best': '41.23%',
+        'AA final': '39.87%', 'minutes': '3.0'}
+    assert rows[1]['changed flags'] == '--epochs 3 --lambda-kl-base 0 --no-amp'
+    assert (rows[1]['epochs'], rows[1]['AA best'], rows[1]['AA final'], rows[1]['minutes']) == \
+        ('1/3', '-', '10.00% (n=1000)', '0.6')
+    # fgsm_rs's own default step is 10/255: 8 is a change; mixkl's 8 is not.
+    assert (rows[2]['method'], rows[2]['changed flags']) == ('fgsm_rs', '--alpha 8')
+    assert (rows[2]['best PGD'], rows[2]['final PGD']) == ('0.00%', '0.00%')
+
+
+def test_summarize_ignores_evaluations_of_other_weights(tmp_path, capsys):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    # Evaluated, then best_model.pth was overwritten (training went on).
+    write_results(tmp_path / 'results.json', [(run / 'best_model.pth', '0' * 64, 0.3)])
+    code, out, err = summarize_in_process(capsys, run, tmp_path / 'results.json')
+    assert code == 0, err
+    assert table_rows(out)[0]['AA best'] == '-'
+    assert 'changed after' in err
+
+
+@pytest.mark.parametrize('problem, message', [
+    ('missing', 'no such file or directory'),
+    ('empty', 'neither a run directory (no config.json) nor an evaluation'),
+    ('bad_json', 'config.json: not valid JSON'),
+    ('not_a_config', 'config.json: not the config.json of a MIX_KL_CIFAR*.py run'),
+    ('bad_column', "metrics.csv: no column test_pgd_acc"),
+    ('bad_number', 'metrics.csv, line 2: not a number'),
+    ('bad_results', 'results.json: not a results.json'),
+    ('no_accuracy', 'results.json: not a results.json'),
+])
+def test_summarize_reports_bad_input_in_one_line(tmp_path, capsys, problem, message):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    extra = []
+    if problem == 'missing':
+        run = tmp_path / 'nope'
+    elif problem == 'empty':
+        run = tmp_path / 'empty'
+        run.mkdir()
+    elif problem == 'bad_json':
+        (run / 'config.json').write_text('{"method": ')
+    elif problem == 'not_a_config':
+        (run / 'config.json').write_text('[1, 2]')
+    elif problem == 'bad_column':
+        (run / 'metrics.csv').write_text('epoch,seconds,eval_seconds,test_clean_acc\n1,2,3,0.5\n')
+    elif problem == 'bad_number':
+        text = (run / 'metrics.csv').read_text().splitlines()
+        (run / 'metrics.csv').write_text(text[0] + '\n' + text[1].replace('0.25', 'n/a') + '\n')
+    elif problem == 'bad_results':
+        (tmp_path / 'results.json').write_text('{"results": 3}')
+        extra = [tmp_path / 'results.json']
+    elif problem == 'no_accuracy':
+        write_results(tmp_path / 'results.json', [(run / 'best_model.pth', '0' * 64, 0.3)])
+        report = json.loads((tmp_path / 'results.json').read_text())
+        del report['results'][0]['attacks']['aa']['accuracy']
+        (tmp_path / 'results.json').write_text(json.dumps(report))
+        extra = [tmp_path / 'results.json']
+    code, out, err = summarize_in_process(capsys, run, *extra)
+    assert code == 2 and out == ''
+    assert len(err.strip().splitlines()) == 1 and err.startswith('error: ') and message in err

@@ -1,0 +1,225 @@
+"""The training scripts end to end: outputs, learning, resuming, signals and bad input."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import mixkl
+from preactresnet import PreActResNet18
+from utils import write_synthetic_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--train-examples', '256', '--eval-examples', '64', '--batch-size', '64', '--width', '8',
+        '--alarm-examples', '32', '--eval-batch-size', '64']
+TIME_COLUMNS = {'seconds', 'eval_seconds'}
+
+
+def script(dataset):
+    return os.path.join(ROOT, 'MIX_KL_CIFAR10.py' if dataset == 'cifar10' else 'MIX_KL_CIFAR100.py')
+
+
+def train(dataset, cwd, *args, wait=True):
+    command = [sys.executable, script(dataset), '--out_dir', 'output', '--data-dir', 'data', *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def run_dirs(cwd):
+    out = os.path.join(cwd, 'output')
+    return sorted(os.path.join(out, d) for d in os.listdir(out))
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def load_weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module', params=['cifar10', 'cifar100'])
+def finished_run(request, tmp_path_factory):
+    """One finished one-epoch run per dataset, shared by the tests that read it."""
+    dataset = request.param
+    cwd = tmp_path_factory.mktemp(dataset)
+    write_synthetic_cifar(str(cwd / 'data'), dataset, n_train=300, n_test=80, seed=1)
+    proc = train(dataset, cwd, '--epochs', '1', *TINY)
+    assert proc.returncode == 0, proc.stderr
+    run_dir, = run_dirs(cwd)
+    return dataset, cwd, run_dir, proc
+
+
+def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_run):
+    dataset, _, run_dir, proc = finished_run
+    classes = 10 if dataset == 'cifar10' else 100
+    assert f'run directory: {run_dir}' in proc.stdout
+    assert proc.stdout.strip().endswith(run_dir), 'the run directory is printed at the end'
+    for name in ('best_model.pth', 'final_model.pth'):
+        model = PreActResNet18(classes, width=8)
+        model.load_state_dict(load_weights(os.path.join(run_dir, name)))
+    row, = read_metrics(run_dir)
+    assert set(row) == set(mixkl.METRIC_FIELDS)
+    assert row['epoch'] == '1'
+    assert float(row['tau']) == 2.0 and float(row['kl_weight']) == 1.0
+    assert 0 <= int(row['teacher_updates']) <= 4
+    assert 0 < float(row['lr']) <= 0.1
+    for column in ('train_acc', 'test_clean_acc', 'test_pgd_acc', 'alarm_fgsm_acc', 'alarm_pgd_acc'):
+        assert 0 <= float(row[column]) <= 1
+    assert float(row['test_pgd_acc']) <= float(row['test_clean_acc'])
+    assert float(row['train_loss']) > 0 and float(row['seconds']) > 0
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert config['dataset'] == dataset and config['lamda'] == 12.0 and config['ema_value'] == 0.82
+    log = open(os.path.join(run_dir, 'train.log')).read()
+    assert 'epoch 1/1' in log and 'PGD-10' in log
+
+
+def test_the_best_checkpoint_is_the_teacher_at_its_best_epoch(finished_run):
+    _, _, run_dir, _ = finished_run
+    best, final = (load_weights(os.path.join(run_dir, n)) for n in ('best_model.pth', 'final_model.pth'))
+    checkpoint = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
+    assert all(torch.equal(best[k], final[k]) for k in best), 'one epoch: best is final'
+    assert all(torch.equal(final[k], checkpoint['teacher'][k]) for k in final)
+    assert not all(torch.equal(final[k], checkpoint['student'][k]) for k in final)
+
+
+def test_resume_refuses_a_run_of_the_other_dataset_or_width(finished_run):
+    dataset, cwd, run_dir, _ = finished_run
+    other = 'cifar100' if dataset == 'cifar10' else 'cifar10'
+    proc = train(other, cwd, '--resume', run_dir)
+    assert proc.returncode == 2 and 'resume it with MIX_KL_CIFAR' in proc.stderr
+    proc = train(dataset, cwd, '--resume', run_dir, '--width', '16')
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith('the run was trained with --width 8, not 16')
+
+
+def test_training_learns_a_learnable_task(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=512, n_test=128, seed=2,
+                          learnable=True)
+    proc = train('cifar10', tmp_path, '--epochs', '4', '--batch-size', '32', '--width', '8',
+                 '--alarm-examples', '16', '--lr-max', '0.02')
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(run_dirs(tmp_path)[0])
+    assert len(rows) == 4
+    assert float(rows[-1]['test_clean_acc']) > 0.3, 'chance is 0.1'
+    assert float(rows[-1]['test_pgd_acc']) > 0.2
+
+
+def wait_for(exists, proc, timeout=300):
+    start = time.time()
+    while not exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+
+
+def wait_for_file(cwd, name, proc):
+    """Wait until the (only) run directory under cwd/output holds ``name``; return its path."""
+    def found():
+        out = os.path.join(cwd, 'output')
+        return os.path.isdir(out) and any(os.path.exists(os.path.join(d, name))
+                                          for d in run_dirs(cwd))
+    wait_for(found, proc)
+    return os.path.join(run_dirs(cwd)[0], name)
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=512, n_test=64, seed=3)
+    args = ['--epochs', '2', '--seed', '5', *TINY, '--train-examples', '512', '--batch-size', '32']
+    whole = tmp_path / 'whole'
+    os.makedirs(whole)
+    os.symlink(tmp_path / 'data', whole / 'data')
+    assert train('cifar10', whole, *args).returncode == 0
+    reference = run_dirs(whole)[0]
+
+    proc = train('cifar10', tmp_path, *args, wait=False)
+    wait_for_file(tmp_path, 'metrics.csv', proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    run_dir = run_dirs(tmp_path)[0]
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert f'--resume {run_dir}' in out
+    assert not os.path.exists(os.path.join(run_dir, 'final_model.pth'))
+    stopped = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
+    assert (stopped['epoch'], stopped['step']) > (1, 0) or stopped['epoch'] == 1
+
+    resumed = train('cifar10', tmp_path, '--resume', run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'resumed from' in resumed.stdout
+    a = load_weights(os.path.join(reference, 'final_model.pth'))
+    b = load_weights(os.path.join(run_dir, 'final_model.pth'))
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows]
+    assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
+    log = open(os.path.join(run_dir, 'train.log')).read()
+    assert log.count('run directory:') == 2, 'the log is appended to'
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=512, n_test=32, seed=4)
+    proc = train('cifar10', tmp_path, '--epochs', '3', *TINY, '--train-examples', '512',
+                 '--batch-size', '16', wait=False)
+    log = wait_for_file(tmp_path, 'train.log', proc)
+    wait_for(lambda: open(log).read().count('\n') >= 2, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert 'SIGTERM' in err and 'Resume with: python MIX_KL_CIFAR10.py --resume' in out
+    checkpoint = load_weights(os.path.join(run_dirs(tmp_path)[0], 'checkpoint.pth'))
+    assert checkpoint['epoch'] == 0 and 0 <= checkpoint['step'] < 32
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=64, n_test=16, seed=5)
+    # The cyclic schedule starts at lr 0: epoch 1 ends with finite losses, then the
+    # huge learning rate makes epoch 2's losses overflow.
+    proc = train('cifar10', tmp_path, '--epochs', '3', '--lr-schedule', 'cyclic', '--lr-max', '1e12',
+                 '--train-examples', '64', '--batch-size', '32', '--width', '8',
+                 '--alarm-examples', '16', '--eval-examples', '16')
+    assert proc.returncode == 1
+    assert 'non-finite loss' in proc.stdout and 'at epoch 2, step' in proc.stdout
+    run_dir = run_dirs(tmp_path)[0]
+    assert load_weights(os.path.join(run_dir, 'checkpoint.pth'))['epoch'] == 1
+    assert len(read_metrics(run_dir)) == 1
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--epochs', '0'], 'argument --epochs: 0 must be >= 1'),
+    (['--batch-size', '0'], 'argument --batch-size: 0 must be >= 1'),
+    (['--epsilon', '-1'], 'argument --epsilon: -1.0 must be >= 0'),
+    (['--ema-value', '0'], 'argument --ema-value: 0.0 must be > 0'),
+    (['--ema-value', '1.5'], 'argument --ema-value: 1.5 must be <= 1'),
+    (['--lr-schedule', 'cosine'], "argument --lr-schedule: invalid choice: 'cosine'"),
+    (['--epochs', 'ten'], "argument --epochs: 'ten' is not a int"),
+])
+def test_nonsense_flags_are_argument_errors(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        mixkl.parse_args('cifar10', flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=50, n_test=10)
+    batch = tmp_path / 'data' / 'cifar-10-batches-py' / 'data_batch_3'
+    batch.write_bytes(batch.read_bytes()[:300])
+    proc = train('cifar10', tmp_path, '--epochs', '1')
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f'error: data/cifar-10-batches-py/data_batch_3: not a '
+                                          f'readable CIFAR batch file')
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path / 'output'), 'no run directory for a run that never started'
+
+    (tmp_path / 'a-file').write_text('')
+    proc = subprocess.run([sys.executable, script('cifar10'), '--out_dir', 'a-file/runs',
+                           '--data-dir', 'data'], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith('error: cannot write to a-file/runs')
