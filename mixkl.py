@@ -462,7 +462,11 @@ class Trainer:
             args.alpha = DEFAULT_ALPHA[args.method]
         self.args = args
         self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
-        if getattr(args, 'sync_bn', False) and self.dist.enabled and self.device.type != 'cuda':
+        if self.device.type == 'cuda':
+            # Fixed input shapes: let cuDNN pick its fastest kernels; TF32 for the fp32 attacks.
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if args.sync_bn and self.dist.enabled and self.device.type != 'cuda':
             raise InputError('--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)')
         check_writable(args.out_dir if checkpoint is None else self.run_dir)
         # Rank r draws its own mixup and random starts: seed + r (rank 0: the single-process seed).
@@ -526,7 +530,7 @@ class Trainer:
         self.teacher = ConditionalEMA(self.student, a.ema_value) if a.method == 'mixkl' else None
         self.student_pass = None
         if self.dist.enabled:
-            if getattr(a, 'sync_bn', False):
+            if a.sync_bn:
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.student_pass = wrap_ddp(StudentPass(self.student), self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=a.lr_max,
@@ -565,6 +569,9 @@ class Trainer:
         if self.dist.is_main:
             atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
             plots.plot_curves(self.history, self.path('curves.png'))
+        # Leave together: a rank that tears down its process group while rank 0 is still
+        # writing can abort gloo's connection threads.
+        self.dist.barrier()
         if self.dist.enabled:
             models = 'the student and the teacher were' if self.teacher is not None \
                 else 'the student was'
