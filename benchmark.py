@@ -5,9 +5,10 @@ python-pickle layout (utils.write_synthetic_cifar), from the same initial weight
 taking their steps in turn:
 
 - project path: what Trainer.train_epoch does per step. CifarLoader batches (uint8
-  data kept on the device, batched crop/flip), mixkl.mixkl_loss (bf16 autocast and
-  a channels_last model on CUDA, autocast off with --no-amp; FGSM gradient w.r.t.
-  delta only), SGD step, one host sync and the conditional teacher update.
+  data kept on the device, batched crop/flip), mixkl.mixkl_loss (on CUDA bf16
+  autocast, off with --no-amp, a channels_last model, cuDNN autotuning and TF32;
+  FGSM gradient w.r.t. delta only), SGD step, one host sync and the conditional
+  teacher update.
 - reference path: the same MIX-KL loss and update, but the data goes through
   torchvision's CIFAR dataset, PIL transforms and a DataLoader, everything runs in
   fp32, and the FGSM step calls loss.backward(), which also computes every
@@ -23,10 +24,10 @@ learnable synthetic data and prints both test accuracies.
     python benchmark.py --check
 """
 import argparse
+import contextlib
 import itertools
 import math
 import os
-import pickle
 import platform
 import resource
 import shlex
@@ -101,6 +102,28 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def project_cuda_flags(device):
+    """The backend settings Trainer makes on CUDA (cuDNN autotuning, TF32), around one step.
+
+    They are process-wide, so they are set and restored step by step: the
+    reference path keeps PyTorch's defaults (no autotuning; TF32 in cuDNN
+    convolutions, not in matmuls).
+    """
+    if device.type != 'cuda':
+        yield
+        return
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
+
+
 def reset_peak_memory(device):
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -114,6 +137,32 @@ def peak_memory_mib(device):
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+class _UncheckedCifarMixin:
+    """torchvision's CIFAR reader minus its md5 checks and class-name file.
+
+    The synthetic files are not the official release, so the checksums fail and
+    there is no batches.meta; unpickling, PIL conversion and transforms are
+    torchvision's own.
+    """
+
+    def _check_integrity(self):
+        return True
+
+    def _load_meta(self):
+        self.classes = [str(c) for c in sorted(set(self.targets))]
+
+
+class UncheckedCIFAR10(_UncheckedCifarMixin, tv_datasets.CIFAR10):
+    pass
+
+
+class UncheckedCIFAR100(_UncheckedCifarMixin, tv_datasets.CIFAR100):
+    pass
 
 
 # ---------------------------------------------------------------------------
@@ -172,51 +221,11 @@ def project_steps(targs, models, root, device):
     models.student.train()
     for epoch in itertools.count():
         for x, y in loader.batches(epoch):
-            loss, clean_logits, adv_logits = mixkl.mixkl_loss(
-                targs, models.student, models.teacher, x, y, tau, w_kl, num_classes)
-            update(models, loss, clean_logits, adv_logits, y)
+            with project_cuda_flags(device):
+                loss, clean_logits, adv_logits = mixkl.mixkl_loss(
+                    targs, models.student, models.teacher, x, y, tau, w_kl, num_classes)
+                update(models, loss, clean_logits, adv_logits, y)
             yield len(y)
-
-
-def write_cifar_files(root, dataset, **kwargs):
-    """utils.write_synthetic_cifar, then the batch dicts' keys turned into str.
-
-    The official files, unpickled with encoding='latin1' as torchvision does,
-    have str keys; write_synthetic_cifar writes bytes keys, which load_cifar
-    accepts and torchvision does not (KeyError: 'data').
-    """
-    write_synthetic_cifar(root, dataset, **kwargs)
-    spec = DATASETS[dataset]
-    for name in spec['train_files'] + spec['test_files']:
-        path = os.path.join(root, spec['folder'], name)
-        with open(path, 'rb') as f:
-            batch = pickle.load(f)  # our own file, written just above
-        batch = {k.decode('latin1'): v for k, v in batch.items()}
-        with open(path, 'wb') as f:
-            pickle.dump(batch, f, protocol=2)
-
-
-class _UncheckedCifarMixin:
-    """torchvision's CIFAR reader minus its md5 checks and class-name file.
-
-    The synthetic files are not the official release, so the checksums fail and
-    there is no batches.meta; unpickling, PIL conversion and transforms are
-    torchvision's own.
-    """
-
-    def _check_integrity(self):
-        return True
-
-    def _load_meta(self):
-        self.classes = [str(c) for c in sorted(set(self.targets))]
-
-
-class UncheckedCIFAR10(_UncheckedCifarMixin, tv_datasets.CIFAR10):
-    pass
-
-
-class UncheckedCIFAR100(_UncheckedCifarMixin, tv_datasets.CIFAR100):
-    pass
 
 
 def reference_loader(targs, root, device, workers):
@@ -238,7 +247,11 @@ def reference_fgsm_step(model, xm, ym, delta0, epsilon, alpha):
 
 
 def reference_mixkl_loss(args, student, teacher, x, y, tau, w_kl, num_classes):
-    """mixkl.mixkl_loss in fp32 with reference_fgsm_step; the same RNG draws, the same value."""
+    """mixkl.mixkl_loss in fp32 with reference_fgsm_step; the same RNG draws, the same value.
+
+    Written for the default flags, under which both the consistency and the KL
+    term are on (tests/test_benchmark.py checks it against mixkl_loss).
+    """
     epsilon, alpha = args.epsilon / 255, args.alpha / 255
     xm, ym, _ = mixkl.mixup(x, y, num_classes, args.mixup_alpha)
     delta0 = mixkl.random_start(xm, epsilon, args.delta_init)
@@ -276,7 +289,9 @@ def time_interleaved(paths, warmup, timed, device):
     after the other would put that drift into their ratio. The first ``warmup``
     steps of each (with them the set-up: reading the files, starting workers)
     are not timed. On CUDA, a path's peak is that of its own steps, with both
-    paths' weights and optimiser states resident.
+    paths' weights and optimiser states resident. The reference's DataLoader
+    workers keep loading during the project's steps, which would hide its data
+    loading only if that took longer than a whole reference step.
     """
     seconds, images, peaks = ({name: 0 for name in paths} for _ in range(3))
     try:
@@ -324,9 +339,9 @@ class PinnedPrediction(torch.nn.Module):
 def pgd_eval_rate(args, root, device):
     """Images per second of evaluate_batches under PGD-10, at full cost; and the PGD accuracy.
 
-    A trained model evaluates faster: attack_pgd drops each image it breaks (a
-    robust CIFAR-10 model loses about half of them over the 10 steps), and a
-    barely trained one on random data loses most of them at the first step.
+    A trained model evaluates faster: attack_pgd drops each image once it is
+    misclassified (a robust CIFAR-10 model starts about 80% right and ends
+    about 50%), and a barely trained one on random data drops most at once.
     """
     x, _ = load_cifar(args.dataset, root, train=False, download=False, quiet=True)
     x = x.to(device).float() / 255
@@ -338,13 +353,15 @@ def pgd_eval_rate(args, root, device):
     batches = [(X, torch.zeros(len(X), dtype=torch.long, device=device))
                for X in x.split(args.eval_batch_size)]
     attack = pgd_attack(PGD_EPSILON, PGD_ALPHA, PGD_ITERS, 1)
-    if args.warmup:
-        evaluate_batches(model, [(X[:16], y[:16]) for X, y in batches[:1]], attack)
-    synchronize(device)
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    correct, total = evaluate_batches(model, batches, attack)
-    synchronize(device)
+    with project_cuda_flags(device):  # Trainer evaluates under its own settings
+        if args.warmup:  # one PGD step per batch shape: cuDNN autotunes each shape once
+            one_step = pgd_attack(PGD_EPSILON, PGD_ALPHA, 1, 1)
+            evaluate_batches(model, {len(X): (X, y) for X, y in batches}.values(), one_step)
+        synchronize(device)
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        correct, total = evaluate_batches(model, batches, attack)
+        synchronize(device)
     return total / (time.perf_counter() - start), correct / total
 
 
@@ -359,7 +376,7 @@ def print_header(command, device):
 
 def run_benchmark(args, device, root):
     n_train = (args.warmup + args.steps) * args.batch_size  # one epoch: no reshuffle inside timing
-    write_cifar_files(root, args.dataset, n_train=n_train, n_test=args.eval_images,
+    write_synthetic_cifar(root, args.dataset, n_train=n_train, n_test=args.eval_images,
                       seed=args.seed)
     cuda = device.type == 'cuda'
     print(f'{args.steps} timed steps per path after {args.warmup} warm-up, batch '
@@ -410,7 +427,7 @@ def print_projection(project_rate, reference_rate, eval_rate):
 
 def run_check(args, device, root):
     """Train the project path twice from the same seed, amp on and off; print test accuracies."""
-    write_cifar_files(root, args.dataset, n_train=args.check_train_images,
+    write_synthetic_cifar(root, args.dataset, n_train=args.check_train_images,
                       n_test=args.eval_images, seed=args.seed, learnable=True)
     print(f'check: {args.check_steps} steps, batch {args.batch_size}, width {args.check_width}, '
           f'learnable synthetic {args.dataset}, {args.check_train_images} train / '

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from preactresnet import PreActResNet18
-from utils import (DATASETS, CifarLoader, InputError, atomic_write_text, evaluate_batches,
+from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches,
                    load_cifar, load_model_weights, pgd_attack, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.

@@ -4,7 +4,6 @@ Images are uint8 tensors of shape (N, 3, 32, 32) kept on the compute device;
 batches handed to models are float in [0, 1]. Every attack works in that space.
 """
 import hashlib
-import io
 import os
 import pickle
 import tempfile
@@ -447,8 +446,9 @@ def write_synthetic_cifar(root, dataset='cifar10', n_train=200, n_test=100, seed
             rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         for i, name in enumerate(files):
             part = slice(i * n // len(files), (i + 1) * n // len(files))
-            batch = {b'batch_label': b'fixture', b'data': images[part],
-                     label_key.encode(): labels[part].tolist()}
+            # str keys: what the official files give when unpickled with encoding='latin1'
+            batch = {'batch_label': 'synthetic', 'data': images[part],
+                     label_key: labels[part].tolist()}
             with open(os.path.join(root, folder, name), 'wb') as f:
                 pickle.dump(batch, f, protocol=2)
     return root

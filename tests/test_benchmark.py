@@ -15,7 +15,7 @@ import torch
 import benchmark
 import mixkl
 from preactresnet import PreActResNet18
-from utils import load_cifar
+from utils import load_cifar, write_synthetic_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--device', 'cpu', '--batch-size', '8', '--width', '8', '--eval-images', '8']
@@ -90,7 +90,7 @@ def test_reference_loss_is_the_project_loss_with_another_fgsm_step():
 
 def test_torchvision_reads_the_files_load_cifar_reads(tmp_path):
     root = str(tmp_path)
-    benchmark.write_cifar_files(root, 'cifar100', n_train=20, n_test=5, seed=3)
+    write_synthetic_cifar(root, 'cifar100', n_train=20, n_test=5, seed=3)
     x, y = load_cifar('cifar100', root, train=True, download=False, quiet=True)
     dataset = benchmark.UncheckedCIFAR100(root, train=True)
     assert np.array_equal(dataset.data, x.permute(0, 2, 3, 1).numpy())

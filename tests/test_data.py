@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils
 from utils import CifarLoader, InputError, crop_flip, load_cifar, write_synthetic_cifar
 
 
@@ -86,7 +85,7 @@ def test_load_cifar_reads_the_pickle_layout(tmp_path, capsys, dataset, classes):
 def rewrite_batch(tmp_path, changes):
     path = os.path.join(tmp_path, 'cifar-10-batches-py', 'data_batch_2')
     with open(path, 'rb') as f:
-        batch = pickle.load(f, encoding='bytes')
+        batch = pickle.load(f)
     batch.update(changes)
     with open(path, 'wb') as f:
         pickle.dump(batch, f, protocol=2)
@@ -95,14 +94,14 @@ def rewrite_batch(tmp_path, changes):
 
 def test_label_out_of_range_is_reported_with_the_file(tmp_path):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
-    path = rewrite_batch(tmp_path, {b'labels': [3] * 9 + [10]})
+    path = rewrite_batch(tmp_path, {'labels': [3] * 9 + [10]})
     with pytest.raises(InputError, match=f'{path}: label 10 is outside 0..9'):
         load_cifar('cifar10', str(tmp_path), train=True)
 
 
 def test_wrong_array_shape_is_reported(tmp_path):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
-    rewrite_batch(tmp_path, {b'data': np.zeros((10, 1024), np.uint8)})
+    rewrite_batch(tmp_path, {'data': np.zeros((10, 1024), np.uint8)})
     with pytest.raises(InputError, match=r'data_batch_2: "data" must be a uint8 array .*\(10, 1024\)'):
         load_cifar('cifar10', str(tmp_path), train=True)
 
@@ -136,7 +135,7 @@ class MakesAFile:
 def test_a_pickle_with_a_code_payload_is_refused_without_running_it(tmp_path):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
     victim = tmp_path / 'created-by-payload'
-    path = rewrite_batch(tmp_path, {b'payload': MakesAFile(str(victim))})
+    path = rewrite_batch(tmp_path, {'payload': MakesAFile(str(victim))})
     with pytest.raises(InputError, match=f'{path}: refused to load io.open'):
         load_cifar('cifar10', str(tmp_path), train=True)
     assert not victim.exists()

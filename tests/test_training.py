@@ -214,8 +214,8 @@ def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
     batch.write_bytes(batch.read_bytes()[:300])
     proc = train('cifar10', tmp_path, '--epochs', '1')
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(f'error: data/cifar-10-batches-py/data_batch_3: not a '
-                                          f'readable CIFAR batch file')
+    assert proc.stderr.strip().startswith('error: data/cifar-10-batches-py/data_batch_3: not a '
+                                          'readable CIFAR batch file')
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not os.listdir(tmp_path / 'output'), 'no run directory for a run that never started'
 
