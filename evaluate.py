@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from preactresnet import PreActResNet18
-from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches,
-                   load_cifar, load_model_weights, pgd_attack, sha256_file)
+from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches, load_cifar,
+                   load_model_weights, nonnegative, pgd_attack, positive_int, resolve_device,
+                   sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
 ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('ce', 50),
@@ -35,13 +36,6 @@ def attack_list(text):
     return names
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} must be >= 1')
-    return value
-
-
 def build_parser(dataset):
     p = argparse.ArgumentParser(
         description=f'Evaluate PreActResNet-18 checkpoints on the {DATASETS[dataset]["name"]} '
@@ -53,8 +47,8 @@ def build_parser(dataset):
     p.add_argument('--out_dir', '--out-dir', default='./output/',
                    help='results.json and the AutoAttack logs go here')
     p.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data')
-    p.add_argument('--epsilon', type=float, default=8.0, help='L-inf radius, in /255')
-    p.add_argument('--alpha', type=float, default=2.0, help='PGD and C&W step, in /255')
+    p.add_argument('--epsilon', type=nonnegative, default=8.0, help='L-inf radius, in /255')
+    p.add_argument('--alpha', type=nonnegative, default=2.0, help='PGD and C&W step, in /255')
     p.add_argument('--n_ex', '--n-ex', type=positive_int, default=10000,
                    help='evaluate the first N test images')
     p.add_argument('--batch_size', '--batch-size', type=positive_int, default=500)
@@ -138,14 +132,19 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
                          max_perturbation=max_perturbation)
 
 
-def evaluate_checkpoint(model, x, y, args, log_prefix):
-    """Run ``args.attacks`` on ``model``; returns {attack name: result dict}."""
+def evaluate_checkpoint(model, x, y, args, log_prefix, after_each=None):
+    """Run ``args.attacks`` on ``model``; returns {attack name: result dict}.
+
+    ``after_each(results so far)`` is called after every attack (to save them).
+    """
     model.eval()
     results = {}
     for name in args.attacks:
         results[name] = run_attack(model, name, x, y, args, f'{log_prefix}_autoattack.log')
         print(f'  {LABELS[name]:<11} {100 * results[name]["accuracy"]:6.2f}%  '
               f'({results[name]["seconds"]:.1f} s)', flush=True)
+        if after_each is not None:
+            after_each(results)
     return results
 
 
@@ -161,9 +160,7 @@ def format_table(report):
 
 def run(dataset, args):
     num_classes = DATASETS[dataset]['num_classes']
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {args.device}: CUDA is not available on this machine')
+    device = resolve_device(args.device)
     script = os.path.basename(sys.argv[0])
     paths = checkpoint_paths(args.model_path)
     models = [load_model_weights(p, PreActResNet18, num_classes, args.width, script) for p in paths]
@@ -183,10 +180,13 @@ def run(dataset, args):
         print(f'{path}: {len(y)} test images, eps {args.epsilon:g}/255, device {device}')
         stem = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0])
         entry = dict(checkpoint=os.path.abspath(path), sha256=sha256_file(path),
-                     width=model.width, num_classes=num_classes)
-        entry['attacks'] = evaluate_checkpoint(model.to(device), x, y, args, stem)
+                     width=model.width, num_classes=num_classes, attacks={})
         report['results'].append(entry)
-        atomic_write_text(results_path, json.dumps(report, indent=2))
+
+        def save(results):  # after every attack: a crash in AutoAttack keeps the PGD numbers
+            entry['attacks'] = results
+            atomic_write_text(results_path, json.dumps(report, indent=2))
+        evaluate_checkpoint(model.to(device), x, y, args, stem, after_each=save)
     print('\n' + format_table(report))
     print(f'\nresults: {results_path}')
     return report

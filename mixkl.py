@@ -31,8 +31,8 @@ from ddp import Distributed
 import plots
 from preactresnet import PreActResNet18
 from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text,
-                   attack_fgsm, clamp, evaluate_batches, load_cifar, pgd_attack,
-                   safe_torch_load)
+                   attack_fgsm, clamp, evaluate_batches, load_cifar, nonnegative,
+                   number_in_range, pgd_attack, positive_int, resolve_device, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
@@ -250,24 +250,6 @@ DEFAULT_ALPHA = {'mixkl': 8.0, 'fgsm_rs': 10.0}
 RESUME_MAY_CHANGE = {'resume', 'device', 'data_dir', 'out_dir', 'amp'}
 
 
-def _number(kind, low=None, high=None, low_open=False):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a {kind.__name__}')
-        if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f'{value} must be {">" if low_open else ">="} {low}')
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f'{value} must be <= {high}')
-        return value
-    return parse
-
-
-positive_int = _number(int, 1)
-nonnegative = _number(float, 0)
-
-
 def build_parser(dataset):
     name = DATASETS[dataset]['name']
     p = argparse.ArgumentParser(
@@ -288,8 +270,8 @@ def build_parser(dataset):
     m.add_argument('--epochs', type=positive_int, default=110)
     m.add_argument('--batch-size', type=positive_int, default=128)
     m.add_argument('--lr-schedule', choices=['multistep', 'cyclic'], default='multistep')
-    m.add_argument('--lr-max', type=_number(float, 0, low_open=True), default=0.1)
-    m.add_argument('--momentum', type=_number(float, 0, 1), default=0.9)
+    m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
+    m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
     m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
     m.add_argument('--epsilon', type=nonnegative, default=8.0, help='L-inf radius, in /255')
     m.add_argument('--alpha', type=nonnegative, default=None,
@@ -299,13 +281,13 @@ def build_parser(dataset):
     m.add_argument('--mixup-alpha', type=nonnegative, default=0.4, help='0 turns mixup off')
     m.add_argument('--lamda', type=nonnegative, default=12.0,
                    help='weight of the consistency term (0 turns it off)')
-    m.add_argument('--tau0', type=_number(float, 0, low_open=True), default=2.0)
-    m.add_argument('--gamma', type=_number(float, 0, low_open=True), default=0.99,
+    m.add_argument('--tau0', type=number_in_range(float, 0, low_open=True), default=2.0)
+    m.add_argument('--gamma', type=number_in_range(float, 0, low_open=True), default=0.99,
                    help='temperature decay per epoch')
     m.add_argument('--tau-schedule', choices=['geometric', 'constant'], default='geometric')
     m.add_argument('--lambda-kl-base', type=nonnegative, default=1.0,
                    help='weight of the KL term at tau0 (0 turns it off)')
-    m.add_argument('--ema-value', type=_number(float, 0, 1, low_open=True), default=0.82,
+    m.add_argument('--ema-value', type=number_in_range(float, 0, 1, low_open=True), default=0.82,
                    help='teacher update when adv/clean accuracy of the batch is below this')
 
     e = p.add_argument_group('per-epoch evaluation')
@@ -338,13 +320,6 @@ def parse_args(dataset, argv=None):
         parser.error(f'--device: {e}')
     args.dataset = dataset
     return args, parser
-
-
-def resolve_device(name):
-    device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {name}: CUDA is not available on this machine')
-    return device
 
 
 # ---------------------------------------------------------------------------
@@ -848,6 +823,7 @@ def wrap_ddp(module, device):
     Buffers are not broadcast at each forward: train_epoch broadcasts the BN
     buffers after every step instead, before the teacher reads them.
     """
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; requirements admit both.
     params = inspect.signature(DistributedDataParallel).parameters
     no_forward_sync = {'forward_sync_buffers': False} if 'forward_sync_buffers' in params \
         else {'broadcast_buffers': False}

@@ -3,6 +3,7 @@
 Images are uint8 tensors of shape (N, 3, 32, 32) kept on the compute device;
 batches handed to models are float in [0, 1]. Every attack works in that space.
 """
+import argparse
 import hashlib
 import os
 import pickle
@@ -25,6 +26,35 @@ DATASETS = {
 
 class InputError(Exception):
     """Bad input from the user (data, checkpoint, flags): reported in one line."""
+
+
+# ---------------------------------------------------------------------------
+# Command-line values
+
+def number_in_range(kind, low=None, high=None, low_open=False):
+    """An argparse type: ``kind`` (int or float) within [low, high] ((low, high] if low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a {kind.__name__}')
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f'{value} must be {">" if low_open else ">="} {low}')
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f'{value} must be <= {high}')
+        return value
+    return parse
+
+
+positive_int = number_in_range(int, 1)
+nonnegative = number_in_range(float, 0)
+
+
+def resolve_device(name):
+    device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {name}: CUDA is not available on this machine')
+    return device
 
 
 # ---------------------------------------------------------------------------
