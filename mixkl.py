@@ -1,8 +1,8 @@
 """MIX-KL: fast adversarial training with Mixup and a geometric temperature-scaled KL loss.
 
-The method of ../shared/METHOD.md, once, for both datasets. Read it top to
+The method of METHOD.md, once, for both datasets. Read it top to
 bottom: the loss pieces, one training step, the teacher, the schedules, then
-the epoch loop in ``train``. ``MIX_KL_CIFAR10.py`` and ``MIX_KL_CIFAR100.py``
+the epoch loop in ``Trainer.fit``. ``MIX_KL_CIFAR10.py`` and ``MIX_KL_CIFAR100.py``
 only name the dataset and call ``main``.
 """
 import argparse
