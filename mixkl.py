@@ -441,7 +441,10 @@ class Trainer:
             # Fixed input shapes: let cuDNN pick its fastest kernels; TF32 for the fp32 attacks.
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if args.sync_bn and self.dist.enabled and self.device.type != 'cuda':
+        if args.sync_bn and not self.dist.enabled:
+            raise InputError('--sync-bn synchronises BatchNorm across torchrun processes; '
+                             'this run has one process')
+        if args.sync_bn and self.device.type != 'cuda':
             raise InputError('--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)')
         check_writable(args.out_dir if checkpoint is None else self.run_dir)
         # Rank r draws its own mixup and random starts: seed + r (rank 0: the single-process seed).

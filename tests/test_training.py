@@ -220,6 +220,9 @@ def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not os.listdir(tmp_path / 'output'), 'no run directory for a run that never started'
 
+    proc = train('cifar10', tmp_path, '--epochs', '1', '--sync-bn')
+    assert proc.returncode == 2 and 'this run has one process' in proc.stderr
+
     (tmp_path / 'a-file').write_text('')
     proc = subprocess.run([sys.executable, script('cifar10'), '--out_dir', 'a-file/runs',
                            '--data-dir', 'data'], cwd=tmp_path, capture_output=True, text=True)
