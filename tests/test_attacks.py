@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluate
+from payloads import CreatesAFile
 from preactresnet import PreActResNet18
 from utils import (InputError, attack_pgd, evaluate_batches, learnable_images,
                    load_model_weights, pgd_attack, write_synthetic_cifar)
@@ -214,17 +215,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
         load_model_weights(str(path), PreActResNet18, 10, width, 'test_cifar10.py')
 
 
-class WritesAFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
-
 def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path):
     victim = tmp_path / 'created-by-payload'
-    path = save({'conv1.weight': torch.zeros(1), 'x': WritesAFile(str(victim))},
+    path = save({'conv1.weight': torch.zeros(1), 'x': CreatesAFile(str(victim))},
                 tmp_path / 'evil.pth')
     with pytest.raises(InputError, match='not a loadable PyTorch weights file'):
         load_model_weights(path, PreActResNet18, 10)

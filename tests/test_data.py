@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from payloads import CreatesAFile
 from utils import CifarLoader, InputError, crop_flip, load_cifar, write_synthetic_cifar
 
 
@@ -124,18 +125,10 @@ def test_missing_file_is_named(tmp_path):
         load_cifar('cifar10', str(tmp_path), train=True)
 
 
-class MakesAFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
-
 def test_a_pickle_with_a_code_payload_is_refused_without_running_it(tmp_path):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
     victim = tmp_path / 'created-by-payload'
-    path = rewrite_batch(tmp_path, {'payload': MakesAFile(str(victim))})
+    path = rewrite_batch(tmp_path, {'payload': CreatesAFile(str(victim))})
     with pytest.raises(InputError, match=f'{path}: refused to load io.open'):
         load_cifar('cifar10', str(tmp_path), train=True)
     assert not victim.exists()
