@@ -42,8 +42,8 @@ from torchvision import transforms
 
 import mixkl
 from preactresnet import PreActResNet18
-from utils import (DATASETS, CifarLoader, InputError, clamp, evaluate_batches, load_cifar,
-                   pgd_attack, write_synthetic_cifar)
+from utils import (DATASETS, CifarLoader, InputError, clamp, enable_fast_cuda, evaluate_batches,
+                   load_cifar, pgd_attack, write_synthetic_cifar)
 
 # One CIFAR-10 run as the paper trains it: the projection's yardstick.
 EPOCHS, TRAIN_IMAGES, TEST_IMAGES = 110, 50_000, 10_000
@@ -115,8 +115,7 @@ def project_cuda_flags(device):
         return
     flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    enable_fast_cuda()
     try:
         yield
     finally:

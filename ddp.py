@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from utils import InputError
+from utils import InputError, resolve_device
 
 
 class Distributed:
@@ -44,13 +44,8 @@ class Distributed:
         if world_size <= 1 or 'RANK' not in os.environ or 'LOCAL_RANK' not in os.environ:
             return cls()
         rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-        try:
-            requested = torch.device(device_name or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        except RuntimeError as e:
-            raise InputError(f'--device {device_name}: {e}')
+        requested = resolve_device(device_name)
         if requested.type == 'cuda':
-            if not torch.cuda.is_available():
-                raise InputError(f'--device {device_name}: CUDA is not available on this machine')
             if requested.index is not None:
                 raise InputError(f'--device {device_name}: under torchrun each process uses '
                                  'cuda:LOCAL_RANK; pass --device cuda (or leave it out)')

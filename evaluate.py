@@ -76,6 +76,10 @@ def checkpoint_paths(paths):
     return out
 
 
+def in_batches(x, y, batch_size):
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
 def run_attack(model, name, x, y, args, log_path):
     """Accuracy of ``model`` under one attack, as a result dict.
 
@@ -95,9 +99,8 @@ def run_attack(model, name, x, y, args, log_path):
             attack = pgd_attack(epsilon, alpha, iters, args.restarts, loss)
             info = dict(loss=loss, iterations=iters, step_size=alpha, step_size_255=args.alpha,
                         restarts=args.restarts)
-        batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size])
-                   for i in range(0, len(y), args.batch_size)]
-        correct, _ = evaluate_batches(model, tqdm(batches, desc=LABELS[name], leave=False), attack)
+        batches = tqdm(in_batches(x, y, args.batch_size), desc=LABELS[name], leave=False)
+        correct, _ = evaluate_batches(model, batches, attack)
     return dict(accuracy=correct / len(y), correct=correct, n=len(y), **info,
                 seconds=round(time.time() - start, 2))
 
@@ -125,9 +128,7 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
     if max_perturbation > epsilon + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
         raise RuntimeError(f'AutoAttack returned points outside the threat model '
                            f'(max perturbation {max_perturbation:.6f})')
-    with torch.no_grad():
-        correct = sum((model(x_adv[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size])
-                      .sum().item() for i in range(0, len(y), args.batch_size))
+    correct, _ = evaluate_batches(model, in_batches(x_adv, y, args.batch_size))
     return correct, dict(version='standard', log=os.path.basename(log_path),
                          max_perturbation=max_perturbation)
 

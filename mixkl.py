@@ -31,8 +31,9 @@ from ddp import Distributed
 import plots
 from preactresnet import PreActResNet18
 from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text,
-                   attack_fgsm, clamp, evaluate_batches, load_cifar, nonnegative,
-                   number_in_range, pgd_attack, positive_int, resolve_device, safe_torch_load)
+                   attack_fgsm, clamp, enable_fast_cuda, evaluate_batches, load_cifar,
+                   nonnegative, number_in_range, pgd_attack, positive_int, resolve_device,
+                   safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
@@ -433,14 +434,10 @@ class Trainer:
         if args.resume:
             args, checkpoint, self.run_dir = read_resume_checkpoint(args, parser)
             check_world_size(checkpoint, self.run_dir, self.dist.world_size)
-        if args.alpha is None:
-            args.alpha = DEFAULT_ALPHA[args.method]
         self.args = args
         self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
         if self.device.type == 'cuda':
-            # Fixed input shapes: let cuDNN pick its fastest kernels; TF32 for the fp32 attacks.
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            enable_fast_cuda()
         if args.sync_bn and not self.dist.enabled:
             raise InputError('--sync-bn synchronises BatchNorm across torchrun processes; '
                              'this run has one process')

@@ -5,6 +5,7 @@ batches handed to models are float in [0, 1]. Every attack works in that space.
 """
 import argparse
 import hashlib
+import io
 import os
 import pickle
 import tempfile
@@ -50,6 +51,12 @@ positive_int = number_in_range(int, 1)
 nonnegative = number_in_range(float, 0)
 
 
+def enable_fast_cuda():
+    """Training's CUDA settings: cuDNN autotuning (fixed input shapes), TF32 for fp32 work."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def resolve_device(name):
     device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -83,23 +90,14 @@ class _CifarUnpickler(pickle.Unpickler):
                          'holds only dicts, lists, strings, ints and numpy arrays')
 
 
-def read_cifar_pickle(path):
-    """Unpickle one CIFAR batch file, allowing only what the format contains."""
+def read_cifar_pickle(raw, path):
+    """Unpickle one CIFAR batch file's bytes, allowing only what the format contains."""
     try:
-        with open(path, 'rb') as f:
-            return _CifarUnpickler(f, path).load()
+        return _CifarUnpickler(io.BytesIO(raw), path).load()
     except InputError:
         raise
     except Exception as e:  # truncated or garbled files raise many different errors
         raise InputError(f'{path}: not a readable CIFAR batch file ({type(e).__name__}: {e})')
-
-
-def _md5(path):
-    digest = hashlib.md5()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _official_md5s(dataset):
@@ -162,20 +160,23 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
                              f'extract it into {data_dir}')
         _download(dataset, data_dir)
     files = spec['train_files'] if train else spec['test_files']
-    images, labels = [], []
+    images, labels, md5s = [], [], {}
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise InputError(f'{path} is missing; {folder}/ should hold '
                              f'{", ".join(spec["train_files"] + spec["test_files"])}')
-        data, y = _check_batch(read_cifar_pickle(path), path, spec['label_key'],
+        with open(path, 'rb') as f:
+            raw = f.read()
+        md5s[name] = hashlib.md5(raw).hexdigest()
+        data, y = _check_batch(read_cifar_pickle(raw, path), path, spec['label_key'],
                                spec['num_classes'])
         images.append(data)
         labels.append(y)
     images = np.concatenate(images).reshape(-1, 3, 32, 32)
     labels = np.concatenate(labels)
     official = _official_md5s(dataset)
-    if not all(official.get(n) == _md5(os.path.join(folder, n)) for n in files):
+    if any(official.get(name) != md5 for name, md5 in md5s.items()):
         if not quiet:
             print(f'note: {folder} is not the official {spec["name"]} release '
                   f'({len(labels)} {"train" if train else "test"} images)')
