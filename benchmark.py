@@ -5,10 +5,10 @@ python-pickle layout (utils.write_synthetic_cifar), from the same initial weight
 taking their steps in turn:
 
 - project path: what Trainer.train_epoch does per step. CifarLoader batches (uint8
-  data kept on the device, batched crop/flip), mixkl.mixkl_loss (on CUDA bf16
-  autocast, off with --no-amp, a channels_last model, cuDNN autotuning and TF32;
-  FGSM gradient w.r.t. delta only), SGD step, one host sync and the conditional
-  teacher update.
+  data kept on the device, batched crop/flip), mixkl.mixkl_loss (bf16 autocast as
+  training has it: on for CUDA, off on CPU, or as --amp / --no-amp say; on CUDA a
+  channels_last model, cuDNN autotuning and TF32; FGSM gradient w.r.t. delta
+  only), SGD step, one host sync and the conditional teacher update.
 - reference path: the same MIX-KL loss and update, but the data goes through
   torchvision's CIFAR dataset, PIL transforms and a DataLoader, everything runs in
   fp32, and the FGSM step calls loss.backward(), which also computes every
@@ -16,8 +16,8 @@ taking their steps in turn:
 
 Then PGD-10 evaluation (utils.evaluate_batches with utils.pgd_attack) of
 --eval-images test images, and a projection to a 110-epoch CIFAR-10 run.
---check instead trains a small model twice (bf16 autocast on, then off) on
-learnable synthetic data and prints both test accuracies.
+--check instead trains a small model with bf16 autocast on and off, from each of
+--check-seeds seeds, on learnable synthetic data, and prints the test accuracies.
 
     python benchmark.py                                   # on the GPU, defaults
     python benchmark.py --device cpu --steps 3 --warmup 1 --eval-images 128
@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -42,8 +43,9 @@ from torchvision import transforms
 
 import mixkl
 from preactresnet import PreActResNet18
-from utils import (DATASETS, CifarLoader, InputError, clamp, enable_fast_cuda, evaluate_batches,
-                   load_cifar, pgd_attack, write_synthetic_cifar)
+from utils import (DATASETS, CifarLoader, HelpFormatter, InputError, clamp, cudnn_autotuning,
+                   enable_fast_cuda, evaluate_batches, load_cifar, pgd_attack,
+                   write_synthetic_cifar)
 
 # One CIFAR-10 run as the paper trains it: the projection's yardstick.
 EPOCHS, TRAIN_IMAGES, TEST_IMAGES = 110, 50_000, 10_000
@@ -52,7 +54,7 @@ PGD_EPSILON, PGD_ALPHA, PGD_ITERS = 8 / 255, 2 / 255, 10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--steps', type=mixkl.positive_int, default=50, help='timed steps per path')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps before the timed ones')
     p.add_argument('--batch-size', type=mixkl.positive_int, default=128)
@@ -63,14 +65,17 @@ def parse_args(argv=None):
                    help='PreActResNet-18 base width')
     p.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
     p.add_argument('--dataset', choices=list(DATASETS), default='cifar10')
-    p.add_argument('--no-amp', dest='amp', action='store_false',
-                   help='project path in fp32 on CUDA (default: bf16 autocast, as training)')
+    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help="the project path's bf16 autocast (default: as training, on for CUDA, "
+                        'off on CPU)')
     p.add_argument('--workers', type=int, default=2,
                    help="reference path's DataLoader workers (the fast-AT scripts use 2)")
     p.add_argument('--seed', type=int, default=0)
     c = p.add_argument_group('--check: does bf16 autocast change what is learnt?')
     c.add_argument('--check', action='store_true',
-                   help='train twice (amp on, amp off) and print both test accuracies')
+                   help='train with amp on and off, from each seed, and print test accuracies')
+    c.add_argument('--check-seeds', type=mixkl.positive_int, default=3,
+                   help='seeds --seed, --seed + 1, ...: their spread is the noise to compare with')
     c.add_argument('--check-steps', type=mixkl.positive_int, default=100)
     c.add_argument('--check-width', type=mixkl.positive_int, default=16)
     c.add_argument('--check-train-images', type=mixkl.positive_int, default=2048)
@@ -167,10 +172,10 @@ class UncheckedCIFAR100(_UncheckedCifarMixin, tv_datasets.CIFAR100):
 # ---------------------------------------------------------------------------
 # Models, as Trainer builds them
 
-def training_args(args, amp, width):
+def training_args(args, amp, width, seed=None):
     """The project's own training flags and defaults (eps, alpha, lamda, tau0, ...)."""
     argv = ['--batch-size', str(args.batch_size), '--width', str(width),
-            '--seed', str(args.seed)] + ([] if amp else ['--no-amp'])
+            '--seed', str(args.seed if seed is None else seed), '--amp' if amp else '--no-amp']
     return mixkl.parse_args(args.dataset, argv)[0]
 
 
@@ -352,8 +357,9 @@ def pgd_eval_rate(args, root, device):
     batches = [(X, torch.zeros(len(X), dtype=torch.long, device=device))
                for X in x.split(args.eval_batch_size)]
     attack = pgd_attack(PGD_EPSILON, PGD_ALPHA, PGD_ITERS, 1)
-    with project_cuda_flags(device):  # Trainer evaluates under its own settings
-        if args.warmup:  # one PGD step per batch shape: cuDNN autotunes each shape once
+    # Trainer's settings, and as in Trainer.end_epoch no cuDNN autotuning.
+    with project_cuda_flags(device), cudnn_autotuning(False):
+        if args.warmup:  # CUDA's lazy set-up and the first call of each kernel: not timed
             one_step = pgd_attack(PGD_EPSILON, PGD_ALPHA, 1, 1)
             evaluate_batches(model, {len(X): (X, y) for X, y in batches}.values(), one_step)
         synchronize(device)
@@ -380,7 +386,7 @@ def run_benchmark(args, device, root):
     cuda = device.type == 'cuda'
     print(f'{args.steps} timed steps per path after {args.warmup} warm-up, batch '
           f'{args.batch_size}, width {args.width}, {args.dataset}; project path bf16 autocast: '
-          f'{("on" if args.amp else "off") if cuda else "off (never used on CPU)"}')
+          f'{"on" if args.amp else "off"}')
 
     project_args = training_args(args, args.amp, args.width)
     reference_args = training_args(args, False, args.width)
@@ -425,27 +431,43 @@ def print_projection(project_rate, reference_rate, eval_rate):
 
 
 def run_check(args, device, root):
-    """Train the project path twice from the same seed, amp on and off; print test accuracies."""
+    """From each seed, train the project path with amp on and off; print the test accuracies.
+
+    Both runs from one seed start from the same weights and draw the same batches
+    and random numbers; the seeds' spread shows how far apart two runs differing
+    in nothing that matters end up.
+    """
     write_synthetic_cifar(root, args.dataset, n_train=args.check_train_images,
-                      n_test=args.eval_images, seed=args.seed, learnable=True)
+                          n_test=args.eval_images, seed=args.seed, learnable=True)
     print(f'check: {args.check_steps} steps, batch {args.batch_size}, width {args.check_width}, '
           f'learnable synthetic {args.dataset}, {args.check_train_images} train / '
-          f'{args.eval_images} test images')
-    if device.type != 'cuda':
-        print('note: the project never uses autocast on CPU (mixkl.autocast is CUDA-only), so '
-              'both runs are the same fp32 computation here; run on a GPU to compare bf16')
+          f'{args.eval_images} test images, seeds {args.seed}..{args.seed + args.check_seeds - 1}')
     x_test, y_test = load_cifar(args.dataset, root, train=False, download=False, quiet=True)
+    results = {True: [], False: []}
+    for seed in range(args.seed, args.seed + args.check_seeds):
+        for amp in (True, False):
+            targs = training_args(args, amp, args.check_width, seed)
+            models = build_models(targs, device, channels_last=device.type == 'cuda')
+            start = time.perf_counter()
+            for _ in itertools.islice(project_steps(targs, models, root, device),
+                                      args.check_steps):
+                pass
+            test = CifarLoader(x_test, y_test, args.eval_batch_size, device, train=False)
+            clean, pgd = mixkl.evaluate_robustness(models.teacher.model, test.batches(),
+                                                   PGD_EPSILON, PGD_ALPHA, PGD_ITERS)
+            results[amp].append((clean, pgd))
+            print(f'seed {seed} amp {"on " if amp else "off"}: teacher test clean accuracy '
+                  f'{clean:.4f}, PGD-10 accuracy {pgd:.4f}  ({time.perf_counter() - start:.0f} s)')
     for amp in (True, False):
-        targs = training_args(args, amp, args.check_width)
-        models = build_models(targs, device, channels_last=device.type == 'cuda')
-        start = time.perf_counter()
-        for _ in itertools.islice(project_steps(targs, models, root, device), args.check_steps):
-            pass
-        test = CifarLoader(x_test, y_test, args.eval_batch_size, device, train=False)
-        clean, pgd = mixkl.evaluate_robustness(models.teacher.model, test.batches(),
-                                               PGD_EPSILON, PGD_ALPHA, PGD_ITERS)
-        print(f'amp {"on " if amp else "off"}: teacher test clean accuracy {clean:.4f}, '
-              f'PGD-10 accuracy {pgd:.4f}  ({time.perf_counter() - start:.0f} s)')
+        clean, pgd = zip(*results[amp])
+        print(f'mean amp {"on " if amp else "off"}: teacher test clean accuracy '
+              f'{statistics.mean(clean):.4f} (sd {spread(clean):.4f}), PGD-10 accuracy '
+              f'{statistics.mean(pgd):.4f} (sd {spread(pgd):.4f})')
+
+
+def spread(values):
+    """Sample standard deviation; 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main(argv=None):
@@ -455,6 +477,8 @@ def main(argv=None):
         device = mixkl.resolve_device(args.device)
     except InputError as e:
         sys.exit(f'error: {e}')
+    if args.amp is None:
+        args.amp = device.type == 'cuda'  # as Trainer
     print_header(command, device)
     with tempfile.TemporaryDirectory(prefix='mixkl-benchmark-') as root:
         (run_check if args.check else run_benchmark)(args, device, root)

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from preactresnet import PreActResNet18
-from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches, load_cifar,
-                   load_model_weights, nonnegative, pgd_attack, positive_int, resolve_device,
-                   sha256_file)
+from utils import (DATASETS, HelpFormatter, InputError, atomic_write_text, evaluate_batches,
+                   load_cifar, load_model_weights, nonnegative, pgd_attack, positive_int,
+                   resolve_device, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
 ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('ce', 50),
@@ -40,7 +40,7 @@ def build_parser(dataset):
     p = argparse.ArgumentParser(
         description=f'Evaluate PreActResNet-18 checkpoints on the {DATASETS[dataset]["name"]} '
                     'test set under L-inf attacks.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument('--model_path', '--model-path', nargs='+', required=True,
                    help='checkpoint file(s); a run directory means its best_model.pth and '
                         'final_model.pth')

@@ -30,10 +30,10 @@ from tqdm import tqdm
 from ddp import Distributed
 import plots
 from preactresnet import PreActResNet18
-from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text,
-                   attack_fgsm, clamp, enable_fast_cuda, evaluate_batches, load_cifar,
-                   nonnegative, number_in_range, pgd_attack, positive_int, resolve_device,
-                   safe_torch_load)
+from utils import (DATASETS, CifarLoader, HelpFormatter, InputError, atomic_save,
+                   atomic_write_text, attack_fgsm, clamp, cudnn_autotuning, enable_fast_cuda,
+                   evaluate_batches, load_cifar, nonnegative, number_in_range, pgd_attack,
+                   positive_int, resolve_device, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
@@ -238,9 +238,8 @@ def fgsm_rs_loss(args, student, x, y, student_pass=None):
 
 
 def autocast(args, device):
-    """bf16 autocast for training forwards on CUDA (off with --no-amp, always off on CPU)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=args.amp and device.type == 'cuda')
+    """bf16 autocast for the training forwards, with --amp (Trainer resolves its default)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +254,7 @@ def build_parser(dataset):
     name = DATASETS[dataset]['name']
     p = argparse.ArgumentParser(
         description=f'Train PreActResNet-18 on {name} with MIX-KL (or a baseline).',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     io = p.add_argument_group('data and output')
     io.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data',
                     help='folder holding (or receiving) the python-pickle CIFAR files')
@@ -302,8 +301,10 @@ def build_parser(dataset):
     r.add_argument('--seed', type=int, default=0)
     r.add_argument('--width', type=positive_int, default=64, help='PreActResNet-18 base width')
     r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
-    r.add_argument('--no-amp', dest='amp', action='store_false',
-                   help='train in fp32 on CUDA (default: bf16 autocast on CUDA)')
+    r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='bf16 autocast in the training forwards; evaluation stays fp32 '
+                        '(default: on for CUDA, off on CPU, where it is fast only with '
+                        'AVX512-BF16 or AMX)')
     r.add_argument('--sync-bn', action='store_true',
                    help='under torchrun: batch-norm statistics over the global batch '
                         '(SyncBatchNorm, CUDA only) instead of per process')
@@ -438,6 +439,8 @@ class Trainer:
         self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
         if self.device.type == 'cuda':
             enable_fast_cuda()
+        if args.amp is None:
+            args.amp = self.device.type == 'cuda'
         if args.sync_bn and not self.dist.enabled:
             raise InputError('--sync-bn synchronises BatchNorm across torchrun processes; '
                              'this run has one process')
@@ -627,11 +630,12 @@ class Trainer:
         start = time.time()
         # Under torchrun the ranks split the test batches and sum the counts; the
         # attacks' random starts then come from (seed, epoch, batch), not the ranks' RNGs.
-        clean, pgd = evaluate_robustness(
-            self.eval_model, self.test_loader.batches(), a.epsilon / 255, a.pgd_alpha / 255,
-            a.pgd_iters, dist=self.dist,
-            seed=a.seed * 100003 + epoch if self.dist.enabled else None)
-        alarm_fgsm, alarm_pgd = self._alarm_accuracies()
+        with cudnn_autotuning(False):  # PGD's batches shrink as it breaks examples
+            clean, pgd = evaluate_robustness(
+                self.eval_model, self.test_loader.batches(), a.epsilon / 255, a.pgd_alpha / 255,
+                a.pgd_iters, dist=self.dist,
+                seed=a.seed * 100003 + epoch if self.dist.enabled else None)
+            alarm_fgsm, alarm_pgd = self._alarm_accuracies()
         self._check_replicas(epoch)
         tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
         row = dict(epoch=epoch + 1, seconds=round(self.stats['seconds'], 2),

@@ -124,12 +124,15 @@ def changed_flags(config):
         key = action.dest
         if key in NOT_SHOWN_FLAGS or key not in config or not action.option_strings:
             continue
-        # --alpha has no default of its own: it follows the method.
-        default = mixkl.DEFAULT_ALPHA.get(method) if key == 'alpha' else action.default
+        # --alpha and --amp have no default of their own: they follow the method, the device.
+        default = {'alpha': mixkl.DEFAULT_ALPHA.get(method),
+                   'amp': str(config.get('device_used')).startswith('cuda')}.get(key, action.default)
         value = config[key]
         if value == default:
             continue
-        if action.nargs == 0:  # a switch such as --no-amp
+        if isinstance(action, argparse.BooleanOptionalAction):
+            changed.append(action.option_strings[0 if value else 1])
+        elif action.nargs == 0:  # a switch such as --sync-bn
             changed.append(action.option_strings[0])
         else:
             text = format(value, 'g') if isinstance(value, float) else str(value)

@@ -4,6 +4,7 @@ Images are uint8 tensors of shape (N, 3, 32, 32) kept on the compute device;
 batches handed to models are float in [0, 1]. Every attack works in that space.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import os
@@ -51,10 +52,33 @@ positive_int = number_in_range(int, 1)
 nonnegative = number_in_range(float, 0)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags' help says what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def enable_fast_cuda():
     """Training's CUDA settings: cuDNN autotuning (fixed input shapes), TF32 for fp32 work."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled):
+    """cuDNN autotuning on or off inside, as it was outside.
+
+    Training's evaluation turns it off: attack_pgd forwards only the examples it
+    has not broken yet, so nearly every PGD step has a new batch size, and with
+    autotuning on cuDNN would time every convolution anew for each one.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def resolve_device(name):

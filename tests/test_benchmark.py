@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import benchmark
@@ -49,15 +50,17 @@ def test_benchmark_prints_both_paths_eval_memory_and_projection():
     assert 'command: python benchmark.py --device cpu' in out
 
 
-def test_check_mode_prints_both_accuracies(capsys):
+def test_check_mode_prints_both_precisions_for_each_seed_and_their_means(capsys):
     # In this process: a second interpreter would pay torch's import again.
     benchmark.main([*TINY, '--check', '--check-steps', '2', '--check-width', '8',
-                    '--check-train-images', '16'])
+                    '--check-train-images', '16', '--check-seeds', '2', '--seed', '3'])
     out = capsys.readouterr().out
-    on = figure(r'^amp on : teacher test clean accuracy ([\d.]+)', out)
-    off = figure(r'^amp off: teacher test clean accuracy ([\d.]+)', out)
-    assert 0 <= on <= 1 and 0 <= off <= 1
-    assert 'never uses autocast on CPU' in out
+    for amp in ('on ', 'off'):
+        runs = [figure(rf'^seed {seed} amp {amp}: teacher test clean accuracy ([\d.]+)', out)
+                for seed in (3, 4)]
+        assert all(0 <= accuracy <= 1 for accuracy in runs)
+        mean = figure(rf'^mean amp {amp}: teacher test clean accuracy ([\d.]+)', out)
+        assert mean == pytest.approx(sum(runs) / 2, abs=1e-4)
     assert 'command: python benchmark.py --device cpu' in out
 
 

@@ -302,6 +302,8 @@ def write_run(parent, name, flags, metrics):
     run_dir = parent / name
     run_dir.mkdir()
     args, _ = mixkl.parse_args('cifar10', flags)
+    if args.amp is None:
+        args.amp = True  # as Trainer resolves it on CUDA
     config = {**vars(args), 'data_dir': '/elsewhere', 'out_dir': str(parent),
               'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py'}
     (run_dir / 'config.json').write_text(json.dumps(config))

@@ -178,3 +178,28 @@ def test_mixkl_loss_adds_the_three_terms():
     args.lamda = 0
     ce_only, _, _ = mixkl.mixkl_loss(args, student, teacher, x, y, 2.0, 0.0, 10)
     assert math.isfinite(full.item()) and full.item() > ce_only.item() > 0
+
+
+def test_amp_runs_the_student_in_bf16_and_keeps_the_loss_in_fp32():
+    """--amp: bf16 autocast around the student's calls (on CPU too); the loss terms are fp32."""
+    torch.manual_seed(0)
+    student = PreActResNet18(10, width=8)
+    teacher = mixkl.ConditionalEMA(student, 0.82)
+    output_dtypes = []
+    student.linear.register_forward_hook(lambda module, inputs, out: output_dtypes.append(out.dtype))
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    state = (torch.get_rng_state(), np.random.get_state())
+    losses = {}
+    for flag in ('--no-amp', '--amp'):
+        args, _ = mixkl.parse_args('cifar10', [flag])
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        loss, clean_logits, adv_logits = mixkl.mixkl_loss(args, student, teacher, x, y, 2.0, 1.0, 10)
+        assert loss.dtype == clean_logits.dtype == adv_logits.dtype == torch.float32
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in student.parameters())
+        losses[flag] = loss.item()
+    # Three student calls per step: the FGSM step's, the adversarial one, the clean one.
+    assert output_dtypes == [torch.float32] * 3 + [torch.bfloat16] * 3
+    assert losses['--amp'] != losses['--no-amp']
+    assert losses['--amp'] == pytest.approx(losses['--no-amp'], rel=0.05)

@@ -78,6 +78,7 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
     assert float(row['train_loss']) > 0 and float(row['seconds']) > 0
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     assert config['dataset'] == dataset and config['lamda'] == 12.0 and config['ema_value'] == 0.82
+    assert config['amp'] is False, 'bf16 autocast is off by default on CPU'
     log = open(os.path.join(run_dir, 'train.log')).read()
     assert 'epoch 1/1' in log and 'PGD-10' in log
 
