@@ -16,8 +16,9 @@ taking their steps in turn:
 
 Then PGD-10 evaluation (utils.evaluate_batches with utils.pgd_attack) of
 --eval-images test images, and a projection to a 110-epoch CIFAR-10 run.
---check instead trains a small model with bf16 autocast on and off, from each of
---check-seeds seeds, on learnable synthetic data, and prints the test accuracies.
+--check instead runs short trainings (the training script's Trainer) with bf16
+autocast on and off, from each of --check-seeds seeds, on learnable synthetic
+data, and prints the test accuracies.
 
     python benchmark.py                                   # on the GPU, defaults
     python benchmark.py --device cpu --steps 3 --warmup 1 --eval-images 128
@@ -25,6 +26,7 @@ Then PGD-10 evaluation (utils.evaluate_batches with utils.pgd_attack) of
 """
 import argparse
 import contextlib
+import io
 import itertools
 import math
 import os
@@ -76,7 +78,11 @@ def parse_args(argv=None):
                    help='train with amp on and off, from each seed, and print test accuracies')
     c.add_argument('--check-seeds', type=mixkl.positive_int, default=3,
                    help='seeds --seed, --seed + 1, ...: their spread is the noise to compare with')
-    c.add_argument('--check-steps', type=mixkl.positive_int, default=100)
+    c.add_argument('--check-epochs', type=mixkl.positive_int, default=8)
+    c.add_argument('--check-lr-max', type=mixkl.number_in_range(float, 0, low_open=True),
+                   default=0.02,
+                   help="the runs' --lr-max: at the method's 0.1 some runs on this small set "
+                        'collapse to a few classes, whatever the precision (BENCHMARKS.md)')
     c.add_argument('--check-width', type=mixkl.positive_int, default=16)
     c.add_argument('--check-train-images', type=mixkl.positive_int, default=2048)
     args = p.parse_args(argv)
@@ -172,10 +178,10 @@ class UncheckedCIFAR100(_UncheckedCifarMixin, tv_datasets.CIFAR100):
 # ---------------------------------------------------------------------------
 # Models, as Trainer builds them
 
-def training_args(args, amp, width, seed=None):
+def training_args(args, amp):
     """The project's own training flags and defaults (eps, alpha, lamda, tau0, ...)."""
-    argv = ['--batch-size', str(args.batch_size), '--width', str(width),
-            '--seed', str(args.seed if seed is None else seed), '--amp' if amp else '--no-amp']
+    argv = ['--batch-size', str(args.batch_size), '--width', str(args.width),
+            '--seed', str(args.seed), '--amp' if amp else '--no-amp']
     return mixkl.parse_args(args.dataset, argv)[0]
 
 
@@ -388,8 +394,8 @@ def run_benchmark(args, device, root):
           f'{args.batch_size}, width {args.width}, {args.dataset}; project path bf16 autocast: '
           f'{"on" if args.amp else "off"}')
 
-    project_args = training_args(args, args.amp, args.width)
-    reference_args = training_args(args, False, args.width)
+    project_args = training_args(args, args.amp)
+    reference_args = training_args(args, False)
     # build_models seeds: both paths start from the same weights.
     paths = {
         'project': project_steps(project_args, build_models(project_args, device, cuda),
@@ -431,38 +437,58 @@ def print_projection(project_rate, reference_rate, eval_rate):
 
 
 def run_check(args, device, root):
-    """From each seed, train the project path with amp on and off; print the test accuracies.
+    """From each seed, a short training run with amp on and one with amp off; test accuracies.
 
-    Both runs from one seed start from the same weights and draw the same batches
-    and random numbers; the seeds' spread shows how far apart two runs differing
-    in nothing that matters end up.
+    The runs are the training script's own (Trainer: schedules, teacher,
+    evaluation), on learnable synthetic data. The two runs from one seed start
+    from the same weights and draw the same batches and random numbers; the
+    seeds' spread shows how far apart runs that differ in nothing that matters
+    end up. The student is what bf16 trains; the teacher is what MIX-KL reports.
     """
     write_synthetic_cifar(root, args.dataset, n_train=args.check_train_images,
                           n_test=args.eval_images, seed=args.seed, learnable=True)
-    print(f'check: {args.check_steps} steps, batch {args.batch_size}, width {args.check_width}, '
+    print(f'check: {args.check_epochs} epochs, lr {args.check_lr_max}, batch {args.batch_size}, '
+          f'width {args.check_width}, '
           f'learnable synthetic {args.dataset}, {args.check_train_images} train / '
           f'{args.eval_images} test images, seeds {args.seed}..{args.seed + args.check_seeds - 1}')
-    x_test, y_test = load_cifar(args.dataset, root, train=False, download=False, quiet=True)
     results = {True: [], False: []}
     for seed in range(args.seed, args.seed + args.check_seeds):
         for amp in (True, False):
-            targs = training_args(args, amp, args.check_width, seed)
-            models = build_models(targs, device, channels_last=device.type == 'cuda')
             start = time.perf_counter()
-            for _ in itertools.islice(project_steps(targs, models, root, device),
-                                      args.check_steps):
-                pass
-            test = CifarLoader(x_test, y_test, args.eval_batch_size, device, train=False)
-            clean, pgd = mixkl.evaluate_robustness(models.teacher.model, test.batches(),
-                                                   PGD_EPSILON, PGD_ALPHA, PGD_ITERS)
-            results[amp].append((clean, pgd))
-            print(f'seed {seed} amp {"on " if amp else "off"}: teacher test clean accuracy '
-                  f'{clean:.4f}, PGD-10 accuracy {pgd:.4f}  ({time.perf_counter() - start:.0f} s)')
+            trainer = check_run(args, device, root, seed, amp)
+            test = trainer.test_loader
+            accuracies = [*mixkl.evaluate_robustness(trainer.student, test.batches(), PGD_EPSILON,
+                                                     PGD_ALPHA, PGD_ITERS),
+                          trainer.history[-1]['test_clean_acc'], trainer.history[-1]['test_pgd_acc']]
+            results[amp].append(accuracies)
+            print(f'seed {seed} amp {"on " if amp else "off"}: {check_figures(accuracies)}  '
+                  f'({time.perf_counter() - start:.0f} s)', flush=True)
     for amp in (True, False):
-        clean, pgd = zip(*results[amp])
-        print(f'mean amp {"on " if amp else "off"}: teacher test clean accuracy '
-              f'{statistics.mean(clean):.4f} (sd {spread(clean):.4f}), PGD-10 accuracy '
-              f'{statistics.mean(pgd):.4f} (sd {spread(pgd):.4f})')
+        runs = list(zip(*results[amp]))
+        print(f'mean amp {"on " if amp else "off"}: '
+              f'{check_figures([statistics.mean(r) for r in runs], [spread(r) for r in runs])}')
+
+
+def check_run(args, device, root, seed, amp):
+    """One run of the training script, without its printed log lines."""
+    argv = ['--data-dir', root, '--out_dir', os.path.join(root, 'runs'), '--device', str(device),
+            '--epochs', str(args.check_epochs), '--batch-size', str(args.batch_size),
+            '--eval-batch-size', str(args.eval_batch_size), '--width', str(args.check_width),
+            '--lr-max', str(args.check_lr_max), '--alarm-examples', '64', '--seed', str(seed),
+            '--amp' if amp else '--no-amp']
+    targs, parser = mixkl.parse_args(args.dataset, argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = mixkl.Trainer(targs, parser)
+        trainer.fit()
+    return trainer
+
+
+def check_figures(accuracies, sds=None):
+    """Test accuracies (student clean, PGD-10, teacher clean, PGD-10) as one line of text."""
+    text = [f'{a:.4f}' + (f' (sd {sd:.4f})' if sds else '')
+            for a, sd in zip(accuracies, sds or accuracies)]
+    return (f'student clean {text[0]}, PGD-10 {text[1]}; '
+            f'teacher clean {text[2]}, PGD-10 {text[3]}')
 
 
 def spread(values):

@@ -379,7 +379,7 @@ def read_resume_checkpoint(args, parser):
     merged = dict(saved)
     for key, value in vars(args).items():
         default = parser.get_default(key)
-        if key in ('device', 'amp', 'resume'):
+        if key in ('device', 'resume'):
             merged[key] = value
         elif key in RESUME_MAY_CHANGE:
             merged[key] = saved[key] if value == default else value

@@ -52,15 +52,16 @@ def test_benchmark_prints_both_paths_eval_memory_and_projection():
 
 def test_check_mode_prints_both_precisions_for_each_seed_and_their_means(capsys):
     # In this process: a second interpreter would pay torch's import again.
-    benchmark.main([*TINY, '--check', '--check-steps', '2', '--check-width', '8',
+    benchmark.main([*TINY, '--check', '--check-epochs', '1', '--check-width', '8',
                     '--check-train-images', '16', '--check-seeds', '2', '--seed', '3'])
     out = capsys.readouterr().out
     for amp in ('on ', 'off'):
-        runs = [figure(rf'^seed {seed} amp {amp}: teacher test clean accuracy ([\d.]+)', out)
-                for seed in (3, 4)]
-        assert all(0 <= accuracy <= 1 for accuracy in runs)
-        mean = figure(rf'^mean amp {amp}: teacher test clean accuracy ([\d.]+)', out)
-        assert mean == pytest.approx(sum(runs) / 2, abs=1e-4)
+        for model in ('student', 'teacher'):
+            runs = [figure(rf'^seed {seed} amp {amp}: .*{model} clean ([\d.]+)', out)
+                    for seed in (3, 4)]
+            assert all(0 <= accuracy <= 1 for accuracy in runs)
+            mean = figure(rf'^mean amp {amp}: .*{model} clean ([\d.]+) \(sd', out)
+            assert mean == pytest.approx(sum(runs) / 2, abs=1e-4)
     assert 'command: python benchmark.py --device cpu' in out
 
 

@@ -114,6 +114,26 @@ def test_training_learns_a_learnable_task(tmp_path):
     assert float(rows[-1]['test_pgd_acc']) > 0.2
 
 
+def test_the_per_epoch_evaluation_runs_without_cudnn_autotuning(tmp_path, monkeypatch, capsys):
+    """PGD's batches shrink as it breaks examples: autotuning would time every size anew."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    autotuning_seen = []
+    evaluate = mixkl.evaluate_robustness
+
+    def recording(*args, **kwargs):
+        autotuning_seen.append(torch.backends.cudnn.benchmark)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(mixkl, 'evaluate_robustness', recording)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', True)  # as training sets it on CUDA
+    args, parser = mixkl.parse_args('cifar10', [
+        '--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
+        '--epochs', '2', '--batch-size', '16', '--width', '4', '--alarm-examples', '8'])
+    assert mixkl.Trainer(args, parser).fit() == 0
+    assert autotuning_seen == [False, False]
+    assert torch.backends.cudnn.benchmark is True, 'training steps keep it'
+
+
 def wait_for(exists, proc, timeout=300):
     start = time.time()
     while not exists():
@@ -135,7 +155,9 @@ def wait_for_file(cwd, name, proc):
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=512, n_test=64, seed=3)
     # 32 steps an epoch: the signal, sent when epoch 1 is written, lands inside epoch 2.
-    args = ['--epochs', '2', '--seed', '5', *TINY, '--train-examples', '512', '--batch-size', '16']
+    # --amp (bf16 autocast, off by default on CPU): the resumed run must keep it.
+    args = ['--epochs', '2', '--seed', '5', *TINY, '--train-examples', '512', '--batch-size', '16',
+            '--amp']
     whole = tmp_path / 'whole'
     os.makedirs(whole)
     os.symlink(tmp_path / 'data', whole / 'data')
