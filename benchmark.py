@@ -456,10 +456,10 @@ def run_check(args, device, root):
         for amp in (True, False):
             start = time.perf_counter()
             trainer = check_run(args, device, root, seed, amp)
-            test = trainer.test_loader
-            accuracies = [*mixkl.evaluate_robustness(trainer.student, test.batches(), PGD_EPSILON,
-                                                     PGD_ALPHA, PGD_ITERS),
-                          trainer.history[-1]['test_clean_acc'], trainer.history[-1]['test_pgd_acc']]
+            student = mixkl.evaluate_robustness(trainer.student, trainer.test_loader.batches(),
+                                                PGD_EPSILON, PGD_ALPHA, PGD_ITERS)
+            last = trainer.history[-1]  # the teacher's evaluation after the last epoch
+            accuracies = [*student, last['test_clean_acc'], last['test_pgd_acc']]
             results[amp].append(accuracies)
             print(f'seed {seed} amp {"on " if amp else "off"}: {check_figures(accuracies)}  '
                   f'({time.perf_counter() - start:.0f} s)', flush=True)

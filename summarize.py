@@ -125,8 +125,9 @@ def changed_flags(config):
         if key in NOT_SHOWN_FLAGS or key not in config or not action.option_strings:
             continue
         # --alpha and --amp have no default of their own: they follow the method, the device.
-        default = {'alpha': mixkl.DEFAULT_ALPHA.get(method),
-                   'amp': str(config.get('device_used')).startswith('cuda')}.get(key, action.default)
+        own_defaults = {'alpha': mixkl.DEFAULT_ALPHA.get(method),
+                        'amp': str(config.get('device_used')).startswith('cuda')}
+        default = own_defaults.get(key, action.default)
         value = config[key]
         if value == default:
             continue

@@ -186,7 +186,8 @@ def test_amp_runs_the_student_in_bf16_and_keeps_the_loss_in_fp32():
     student = PreActResNet18(10, width=8)
     teacher = mixkl.ConditionalEMA(student, 0.82)
     output_dtypes = []
-    student.linear.register_forward_hook(lambda module, inputs, out: output_dtypes.append(out.dtype))
+    student.linear.register_forward_hook(lambda module, inputs, out:
+                                         output_dtypes.append(out.dtype))
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     state = (torch.get_rng_state(), np.random.get_state())
     losses = {}
@@ -194,7 +195,8 @@ def test_amp_runs_the_student_in_bf16_and_keeps_the_loss_in_fp32():
         args, _ = mixkl.parse_args('cifar10', [flag])
         torch.set_rng_state(state[0])
         np.random.set_state(state[1])
-        loss, clean_logits, adv_logits = mixkl.mixkl_loss(args, student, teacher, x, y, 2.0, 1.0, 10)
+        loss, clean_logits, adv_logits = mixkl.mixkl_loss(args, student, teacher, x, y,
+                                                          2.0, 1.0, 10)
         assert loss.dtype == clean_logits.dtype == adv_logits.dtype == torch.float32
         loss.backward()
         assert all(p.grad.dtype == torch.float32 for p in student.parameters())

@@ -114,7 +114,7 @@ def test_training_learns_a_learnable_task(tmp_path):
     assert float(rows[-1]['test_pgd_acc']) > 0.2
 
 
-def test_the_per_epoch_evaluation_runs_without_cudnn_autotuning(tmp_path, monkeypatch, capsys):
+def test_the_per_epoch_evaluation_runs_without_cudnn_autotuning(tmp_path, monkeypatch):
     """PGD's batches shrink as it breaks examples: autotuning would time every size anew."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
     autotuning_seen = []
