@@ -504,7 +504,7 @@ def main(argv=None):
     except InputError as e:
         sys.exit(f'error: {e}')
     if args.amp is None:
-        args.amp = device.type == 'cuda'  # as Trainer
+        args.amp = mixkl.amp_default(device)
     print_header(command, device)
     with tempfile.TemporaryDirectory(prefix='mixkl-benchmark-') as root:
         (run_check if args.check else run_benchmark)(args, device, root)

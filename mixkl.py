@@ -242,6 +242,14 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
 
 
+def amp_default(device):
+    """--amp when neither --amp nor --no-amp is given: on for CUDA, off on CPU.
+
+    ``device`` is a torch.device or its text (config.json's device_used).
+    """
+    return str(device).startswith('cuda')
+
+
 # ---------------------------------------------------------------------------
 # Command line
 
@@ -440,7 +448,7 @@ class Trainer:
         if self.device.type == 'cuda':
             enable_fast_cuda()
         if args.amp is None:
-            args.amp = self.device.type == 'cuda'
+            args.amp = amp_default(self.device)
         if args.sync_bn and not self.dist.enabled:
             raise InputError('--sync-bn synchronises BatchNorm across torchrun processes; '
                              'this run has one process')

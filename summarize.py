@@ -126,7 +126,7 @@ def changed_flags(config):
             continue
         # --alpha and --amp have no default of their own: they follow the method, the device.
         own_defaults = {'alpha': mixkl.DEFAULT_ALPHA.get(method),
-                        'amp': str(config.get('device_used')).startswith('cuda')}
+                        'amp': mixkl.amp_default(config.get('device_used'))}
         default = own_defaults.get(key, action.default)
         value = config[key]
         if value == default:
