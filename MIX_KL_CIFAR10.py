@@ -2,9 +2,9 @@
 
     python MIX_KL_CIFAR10.py --out_dir ./output/ --data-dir cifar10-data
 
-All flags: --help. The method lives in mixkl.py.
+All flags: --help. The method is mixkl.py; the run around it, training.py.
 """
-import mixkl
+import training
 
 if __name__ == '__main__':
-    mixkl.main('cifar10')
+    training.main('cifar10')

@@ -1,39 +1,35 @@
 """How fast is a MIX-KL training step here, against a reference-style step?
 
 Both training paths run in one process, on the same synthetic files in the CIFAR
-python-pickle layout (utils.write_synthetic_cifar), from the same initial weights,
-taking their steps in turn:
+python-pickle layout (synthetic.write_synthetic_cifar), from the same initial
+weights, taking their steps in turn:
 
-- project path: what Trainer.train_epoch does per step. CifarLoader batches (uint8
-  data kept on the device, batched crop/flip), mixkl.mixkl_loss (bf16 autocast as
+- project path: what the trainer does per step. CifarLoader batches (uint8 data
+  kept on the device, batched crop/flip), then mixkl.mixkl_step (bf16 autocast as
   training has it: on for CUDA, off on CPU, or as --amp / --no-amp say; on CUDA a
   channels_last model, cuDNN autotuning and TF32; FGSM gradient w.r.t. delta
-  only), SGD step, one host sync and the conditional teacher update.
-- reference path: the same MIX-KL loss and update, but the data goes through
-  torchvision's CIFAR dataset, PIL transforms and a DataLoader, everything runs in
-  fp32, and the FGSM step calls loss.backward(), which also computes every
-  parameter's gradient only for zero_grad to throw it away.
+  only; one host sync; the conditional teacher update).
+- reference path: the same step, but the data goes through torchvision's CIFAR
+  dataset, PIL transforms and a DataLoader, everything runs in fp32, and the FGSM
+  step calls loss.backward(), which also computes every parameter's gradient only
+  for zero_grad to throw it away.
 
 Then PGD-10 evaluation (utils.evaluate_batches with utils.pgd_attack) of
 --eval-images test images, and a projection to a 110-epoch CIFAR-10 run.
---check instead runs short trainings (the training script's Trainer) with bf16
-autocast on and off, from each of --check-seeds seeds, on learnable synthetic
-data, and prints the test accuracies.
+``--check`` runs bf16_check.py instead: does bf16 autocast change what is learnt?
 
     python benchmark.py                                   # on the GPU, defaults
     python benchmark.py --device cpu --steps 3 --warmup 1 --eval-images 128
-    python benchmark.py --check
+    python benchmark.py --check                           # = python bf16_check.py
 """
 import argparse
 import contextlib
-import io
 import itertools
 import math
 import os
 import platform
 import resource
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -44,10 +40,11 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 import mixkl
-from preactresnet import PreActResNet18
-from utils import (DATASETS, CifarLoader, HelpFormatter, InputError, clamp, cudnn_autotuning,
-                   enable_fast_cuda, evaluate_batches, load_cifar, pgd_attack,
-                   write_synthetic_cifar)
+import training
+from cli import HelpFormatter, amp_default, enable_fast_cuda, positive_int, resolve_device
+from synthetic import write_synthetic_cifar
+from utils import (DATASETS, CifarLoader, InputError, clamp, cudnn_autotuning, evaluate_batches,
+                   load_cifar, pgd_attack)
 
 # One CIFAR-10 run as the paper trains it: the projection's yardstick.
 EPOCHS, TRAIN_IMAGES, TEST_IMAGES = 110, 50_000, 10_000
@@ -57,13 +54,13 @@ PGD_EPSILON, PGD_ALPHA, PGD_ITERS = 8 / 255, 2 / 255, 10
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument('--steps', type=mixkl.positive_int, default=50, help='timed steps per path')
+    p.add_argument('--steps', type=positive_int, default=50, help='timed steps per path')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps before the timed ones')
-    p.add_argument('--batch-size', type=mixkl.positive_int, default=128)
-    p.add_argument('--eval-images', type=mixkl.positive_int, default=1024,
+    p.add_argument('--batch-size', type=positive_int, default=128)
+    p.add_argument('--eval-images', type=positive_int, default=1024,
                    help='test images attacked with PGD-10')
-    p.add_argument('--eval-batch-size', type=mixkl.positive_int, default=512)
-    p.add_argument('--width', type=mixkl.positive_int, default=64,
+    p.add_argument('--eval-batch-size', type=positive_int, default=512)
+    p.add_argument('--width', type=positive_int, default=64,
                    help='PreActResNet-18 base width')
     p.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
     p.add_argument('--dataset', choices=list(DATASETS), default='cifar10')
@@ -73,18 +70,8 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, default=2,
                    help="reference path's DataLoader workers (the fast-AT scripts use 2)")
     p.add_argument('--seed', type=int, default=0)
-    c = p.add_argument_group('--check: does bf16 autocast change what is learnt?')
-    c.add_argument('--check', action='store_true',
-                   help='train with amp on and off, from each seed, and print test accuracies')
-    c.add_argument('--check-seeds', type=mixkl.positive_int, default=3,
-                   help='seeds --seed, --seed + 1, ...: their spread is the noise to compare with')
-    c.add_argument('--check-epochs', type=mixkl.positive_int, default=8)
-    c.add_argument('--check-lr-max', type=mixkl.number_in_range(float, 0, low_open=True),
-                   default=0.02,
-                   help="the runs' --lr-max: at the method's 0.1 some runs on this small set "
-                        'collapse to a few classes, whatever the precision (BENCHMARKS.md)')
-    c.add_argument('--check-width', type=mixkl.positive_int, default=16)
-    c.add_argument('--check-train-images', type=mixkl.positive_int, default=2048)
+    p.add_argument('--check', action='store_true',
+                   help='run bf16_check.py instead, with the other flags given (see its --help)')
     args = p.parse_args(argv)
     if args.warmup < 0 or args.workers < 0:
         p.error('--warmup and --workers must be >= 0')
@@ -178,63 +165,44 @@ class UncheckedCIFAR100(_UncheckedCifarMixin, tv_datasets.CIFAR100):
 # ---------------------------------------------------------------------------
 # Models, as Trainer builds them
 
-def training_args(args, amp):
-    """The project's own training flags and defaults (eps, alpha, lamda, tau0, ...)."""
+def step_settings(args, amp):
+    """The training script's flags and defaults (eps, alpha, lamda, tau0, ...) and its Hyperparameters."""
     argv = ['--batch-size', str(args.batch_size), '--width', str(args.width),
             '--seed', str(args.seed), '--amp' if amp else '--no-amp']
-    return mixkl.parse_args(args.dataset, argv)[0]
+    targs = training.parse_args(args.dataset, argv)[0]
+    return targs, training.hyperparameters(targs)
 
 
 def build_models(targs, device, channels_last):
     """Student, teacher and optimiser from the seed: both paths start from the same weights."""
-    mixkl.seed_everything(targs.seed)
-    student = PreActResNet18(DATASETS[targs.dataset]['num_classes'], targs.width).to(device)
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    training.seed_everything(targs.seed)
+    student = training.build_model(DATASETS[targs.dataset]['num_classes'], targs.width, device,
+                                   channels_last)
     return SimpleNamespace(
         student=student, teacher=mixkl.ConditionalEMA(student, targs.ema_value),
         optimizer=torch.optim.SGD(student.parameters(), lr=targs.lr_max,
                                   momentum=targs.momentum, weight_decay=targs.weight_decay))
 
 
-def update(models, loss, clean_logits, adv_logits, y):
-    """SGD step, then Trainer._record_step's single host sync and teacher decision.
-
-    The LR scheduler's step (a few Python operations) is left out.
-    """
-    models.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    models.optimizer.step()
-    loss_value, adv_ok, clean_ok = torch.stack(
-        [loss.detach(), (adv_logits.argmax(1) == y).sum().float(),
-         (clean_logits.argmax(1) == y).sum().float()]).tolist()
-    if not math.isfinite(loss_value):
-        raise RuntimeError(f'non-finite loss ({loss_value}) in the benchmark')
-    if models.teacher.wants_update(clean_ok, adv_ok):
-        models.teacher.update(models.student)
-
-
-def first_epoch_schedule(targs):
-    tau = mixkl.temperature(0, targs.tau0, targs.gamma, targs.tau_schedule)
-    return tau, mixkl.kl_weight(tau, targs.tau0, targs.lambda_kl_base)
+def check_finite(result):
+    if not math.isfinite(result.loss):
+        raise RuntimeError(f'non-finite loss ({result.loss}) in the benchmark')
 
 
 # ---------------------------------------------------------------------------
 # The two training paths, each a generator yielding after every step
+# (the LR scheduler's step, a few Python operations, is left out of both)
 
-def project_steps(targs, models, root, device):
-    """Trainer.train_epoch's step, over and over."""
+def project_steps(targs, hp, models, root, device):
+    """The trainer's step, over and over."""
     x, y = load_cifar(targs.dataset, root, train=True, download=False, quiet=True)
     loader = CifarLoader(x, y, targs.batch_size, device, train=True, seed=targs.seed)
-    tau, w_kl = first_epoch_schedule(targs)
-    num_classes = DATASETS[targs.dataset]['num_classes']
     models.student.train()
     for epoch in itertools.count():
         for x, y in loader.batches(epoch):
             with project_cuda_flags(device):
-                loss, clean_logits, adv_logits = mixkl.mixkl_loss(
-                    targs, models.student, models.teacher, x, y, tau, w_kl, num_classes)
-                update(models, loss, clean_logits, adv_logits, y)
+                check_finite(mixkl.mixkl_step(models.student, models.teacher, models.optimizer,
+                                              x, y, hp, epoch=0))
             yield len(y)
 
 
@@ -247,47 +215,44 @@ def reference_loader(targs, root, device, workers):
         num_workers=workers, pin_memory=device.type == 'cuda')
 
 
-def reference_fgsm_step(model, xm, ym, delta0, epsilon, alpha):
-    """mixkl.fgsm_step as the reference wrote it: backward() fills every parameter's .grad too."""
-    delta0 = delta0.requires_grad_(True)
-    logits0, features0 = model(xm + delta0, return_features=True)
-    mixkl.soft_cross_entropy(logits0, ym).backward(retain_graph=True)
-    delta = (delta0.detach() + alpha * delta0.grad.sign()).clamp(-epsilon, epsilon)
-    return clamp(delta, -xm, 1 - xm), features0
+def reference_step(student, teacher, optimizer, x, y, hp, epoch):
+    """mixkl.mixkl_step as the reference scripts wrote it: fp32, and a backward() FGSM step.
 
-
-def reference_mixkl_loss(args, student, teacher, x, y, tau, w_kl, num_classes):
-    """mixkl.mixkl_loss in fp32 with reference_fgsm_step; the same RNG draws, the same value.
-
-    Written for the default flags, under which both the consistency and the KL
-    term are on (tests/test_benchmark.py checks it against mixkl_loss).
+    That backward() fills every parameter's .grad too, for zero_grad to discard.
+    The same RNG draws, the same loss (tests/test_benchmark.py checks it).
     """
-    epsilon, alpha = args.epsilon / 255, args.alpha / 255
-    xm, ym, _ = mixkl.mixup(x, y, num_classes, args.mixup_alpha)
-    delta0 = mixkl.random_start(xm, epsilon, args.delta_init)
-    delta, features0 = reference_fgsm_step(student, xm, ym, delta0, epsilon, alpha)
-    adv_logits, adv_features = student(xm + delta, return_features=True)
-    clean_logits = student(xm)
+    tau = mixkl.temperature(epoch, hp.tau0, hp.gamma, hp.tau_schedule)
+    w_kl = mixkl.kl_weight(tau, hp.tau0, hp.lambda_kl_base)
+    xm, ym, _ = mixkl.mixup(x, y, hp.num_classes, hp.mixup_alpha)
+    delta0 = mixkl.random_start(xm, hp.epsilon, hp.delta_init).requires_grad_(True)
+    logits0, feat0 = student(xm + delta0, return_features=True)
+    mixkl.soft_cross_entropy(logits0, ym).backward(retain_graph=True)
+    delta = (delta0.detach() + hp.alpha * delta0.grad.sign()).clamp(-hp.epsilon, hp.epsilon)
+    delta = clamp(delta, -xm, 1 - xm)
+    za, fa = student(xm + delta, return_features=True)
+    zc = student(xm)
     with torch.no_grad():
-        teacher_logits = teacher.model(xm + delta)
-    loss = (mixkl.soft_cross_entropy(adv_logits, ym)
-            + args.lamda * mixkl.consistency_loss(adv_logits, clean_logits, adv_features,
-                                                  features0, xm, delta)
-            + w_kl * mixkl.geometric_kl(adv_logits, teacher_logits, tau))
-    return loss, clean_logits, adv_logits
+        zt = teacher.model(xm + delta)
+    loss = (mixkl.soft_cross_entropy(za, ym)
+            + hp.lamda * mixkl.consistency_loss(za, zc, fa, feat0, xm, delta)
+            + w_kl * mixkl.geometric_kl(za, zt, tau))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    loss, clean_ok, adv_ok = torch.stack([loss.detach(), mixkl.correct(zc, y),
+                                          mixkl.correct(za, y)]).tolist()
+    updated = teacher.maybe_update(student, clean_ok, adv_ok)
+    return mixkl.StepResult(loss, int(adv_ok), len(y), updated)
 
 
-def reference_steps(targs, models, root, device, workers):
+def reference_steps(targs, hp, models, root, device, workers):
     loader = reference_loader(targs, root, device, workers)
-    tau, w_kl = first_epoch_schedule(targs)
-    num_classes = DATASETS[targs.dataset]['num_classes']
     models.student.train()
     for _ in itertools.count():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, clean_logits, adv_logits = reference_mixkl_loss(
-                targs, models.student, models.teacher, x, y, tau, w_kl, num_classes)
-            update(models, loss, clean_logits, adv_logits, y)
+            check_finite(reference_step(models.student, models.teacher, models.optimizer, x, y,
+                                        hp, epoch=0))
             yield len(y)
 
 
@@ -355,11 +320,9 @@ def pgd_eval_rate(args, root, device):
     """
     x, _ = load_cifar(args.dataset, root, train=False, download=False, quiet=True)
     x = x.to(device).float() / 255
-    mixkl.seed_everything(args.seed)
-    model = PreActResNet18(DATASETS[args.dataset]['num_classes'], args.width).to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)  # as Trainer builds it
-    model = PinnedPrediction(model)
+    training.seed_everything(args.seed)
+    model = PinnedPrediction(training.build_model(  # as the trainer builds it
+        DATASETS[args.dataset]['num_classes'], args.width, device, amp_default(device)))
     batches = [(X, torch.zeros(len(X), dtype=torch.long, device=device))
                for X in x.split(args.eval_batch_size)]
     attack = pgd_attack(PGD_EPSILON, PGD_ALPHA, PGD_ITERS, 1)
@@ -394,14 +357,15 @@ def run_benchmark(args, device, root):
           f'{args.batch_size}, width {args.width}, {args.dataset}; project path bf16 autocast: '
           f'{"on" if args.amp else "off"}')
 
-    project_args = training_args(args, args.amp)
-    reference_args = training_args(args, False)
+    project_args, project_hp = step_settings(args, args.amp)
+    reference_args, reference_hp = step_settings(args, False)
     # build_models seeds: both paths start from the same weights.
     paths = {
-        'project': project_steps(project_args, build_models(project_args, device, cuda),
-                                 root, device),
-        'reference': reference_steps(reference_args, build_models(reference_args, device, False),
-                                     root, device, args.workers),
+        'project': project_steps(project_args, project_hp,
+                                 build_models(project_args, device, cuda), root, device),
+        'reference': reference_steps(reference_args, reference_hp,
+                                     build_models(reference_args, device, False), root, device,
+                                     args.workers),
     }
     rates, peaks = time_interleaved(paths, args.warmup, args.steps, device)
     del paths  # frees both paths' models before the evaluation's peak is measured
@@ -436,78 +400,21 @@ def print_projection(project_rate, reference_rate, eval_rate):
               f'+ {eval_s:.0f} s evaluation)')
 
 
-def run_check(args, device, root):
-    """From each seed, a short training run with amp on and one with amp off; test accuracies.
-
-    The runs are the training script's own (Trainer: schedules, teacher,
-    evaluation), on learnable synthetic data. The two runs from one seed start
-    from the same weights and draw the same batches and random numbers; the
-    seeds' spread shows how far apart runs that differ in nothing that matters
-    end up. The student is what bf16 trains; the teacher is what MIX-KL reports.
-    """
-    write_synthetic_cifar(root, args.dataset, n_train=args.check_train_images,
-                          n_test=args.eval_images, seed=args.seed, learnable=True)
-    print(f'check: {args.check_epochs} epochs, lr {args.check_lr_max}, batch {args.batch_size}, '
-          f'width {args.check_width}, '
-          f'learnable synthetic {args.dataset}, {args.check_train_images} train / '
-          f'{args.eval_images} test images, seeds {args.seed}..{args.seed + args.check_seeds - 1}')
-    results = {True: [], False: []}
-    for seed in range(args.seed, args.seed + args.check_seeds):
-        for amp in (True, False):
-            start = time.perf_counter()
-            trainer = check_run(args, device, root, seed, amp)
-            student = mixkl.evaluate_robustness(trainer.student, trainer.test_loader.batches(),
-                                                PGD_EPSILON, PGD_ALPHA, PGD_ITERS)
-            last = trainer.history[-1]  # the teacher's evaluation after the last epoch
-            accuracies = [*student, last['test_clean_acc'], last['test_pgd_acc']]
-            results[amp].append(accuracies)
-            print(f'seed {seed} amp {"on " if amp else "off"}: {check_figures(accuracies)}  '
-                  f'({time.perf_counter() - start:.0f} s)', flush=True)
-    for amp in (True, False):
-        runs = list(zip(*results[amp]))
-        print(f'mean amp {"on " if amp else "off"}: '
-              f'{check_figures([statistics.mean(r) for r in runs], [spread(r) for r in runs])}')
-
-
-def check_run(args, device, root, seed, amp):
-    """One run of the training script, without its printed log lines."""
-    argv = ['--data-dir', root, '--out_dir', os.path.join(root, 'runs'), '--device', str(device),
-            '--epochs', str(args.check_epochs), '--batch-size', str(args.batch_size),
-            '--eval-batch-size', str(args.eval_batch_size), '--width', str(args.check_width),
-            '--lr-max', str(args.check_lr_max), '--alarm-examples', '64', '--seed', str(seed),
-            '--amp' if amp else '--no-amp']
-    targs, parser = mixkl.parse_args(args.dataset, argv)
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer = mixkl.Trainer(targs, parser)
-        trainer.fit()
-    return trainer
-
-
-def check_figures(accuracies, sds=None):
-    """Test accuracies (student clean, PGD-10, teacher clean, PGD-10) as one line of text."""
-    text = [f'{a:.4f}' + (f' (sd {sd:.4f})' if sds else '')
-            for a, sd in zip(accuracies, sds or accuracies)]
-    return (f'student clean {text[0]}, PGD-10 {text[1]}; '
-            f'teacher clean {text[2]}, PGD-10 {text[3]}')
-
-
-def spread(values):
-    """Sample standard deviation; 0 for a single value."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--check' in argv:
+        import bf16_check
+        return bf16_check.main([a for a in argv if a != '--check'])
     args = parse_args(argv)
-    command = shlex.join(sys.argv if argv is None else ['benchmark.py', *argv])
     try:
-        device = mixkl.resolve_device(args.device)
+        device = resolve_device(args.device)
     except InputError as e:
         sys.exit(f'error: {e}')
     if args.amp is None:
-        args.amp = mixkl.amp_default(device)
-    print_header(command, device)
+        args.amp = amp_default(device)
+    print_header(shlex.join(['benchmark.py', *argv]), device)
     with tempfile.TemporaryDirectory(prefix='mixkl-benchmark-') as root:
-        (run_check if args.check else run_benchmark)(args, device, root)
+        run_benchmark(args, device, root)
 
 
 if __name__ == '__main__':

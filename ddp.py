@@ -1,4 +1,4 @@
-"""Several processes under torchrun: the process group and the few collectives training needs.
+"""Several processes under torchrun: the process group, the collectives, the wrapped student and teacher.
 
 ``torchrun --nproc_per_node=N MIX_KL_CIFAR10.py ...`` starts N copies of the
 training script with RANK, LOCAL_RANK and WORLD_SIZE in their environment.
@@ -6,13 +6,19 @@ training script with RANK, LOCAL_RANK and WORLD_SIZE in their environment.
 process on cuda:LOCAL_RANK; gloo on CPU). Without torchrun, or with
 WORLD_SIZE=1, it returns a stand-in for a single process: ``enabled`` is False,
 and the trainer then runs no distributed code at all.
+
+Under torchrun the trainer hands mixkl's step the student wrapped by
+``wrap_ddp`` and a ``SyncedTeacher``; the step itself is the single-process one.
 """
 import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from utils import InputError, resolve_device
+from cli import resolve_device
+from mixkl import ConditionalEMA
+from utils import InputError
 
 
 class Distributed:
@@ -121,6 +127,40 @@ class Distributed:
             dist.broadcast(theirs, src=0)
             same = same and torch.equal(mine, theirs)
         return self.all_sum([0 if same else 1])[0] == 0
+
+
+def wrap_ddp(student, device):
+    """PyTorch's DistributedDataParallel around the student: gradients averaged over the ranks.
+
+    A MIX-KL step calls the wrapped student three times, then backward() once;
+    the FGSM step in between asks autograd for the input gradient only, which
+    runs no parameter hook, so the gradient all-reduce runs once, in backward().
+    BN buffers are rank 0's at the start of every forward (DDP's default).
+    """
+    return DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda'
+                                   else None)
+
+
+class SyncedTeacher(ConditionalEMA):
+    """The MIX-KL teacher under torchrun, identical on every rank.
+
+    It decides on the global batch (the ranks' counts summed), and it averages
+    rank 0's BatchNorm running statistics: each rank's student updates its own
+    from its share of the batch. ``student`` is the DDP-wrapped student.
+    """
+
+    def __init__(self, student, threshold, dist_):
+        super().__init__(student, threshold)
+        self.dist = dist_
+
+    def maybe_update(self, student, clean_ok, adv_ok):
+        clean_ok, adv_ok = self.dist.all_sum([int(clean_ok), int(adv_ok)])
+        return super().maybe_update(student, clean_ok, adv_ok)
+
+    def update(self, student):
+        student = student.module
+        self.dist.broadcast_(list(student.buffers()))
+        super().update(student)
 
 
 def _by_dtype(tensors):

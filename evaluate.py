@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from preactresnet import PreActResNet18
-from utils import (DATASETS, HelpFormatter, InputError, atomic_write_text, evaluate_batches,
-                   load_cifar, load_model_weights, nonnegative, pgd_attack, positive_int,
-                   resolve_device, sha256_file)
+from cli import HelpFormatter, nonnegative, positive_int, resolve_device
+from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches, load_cifar,
+                   load_model_weights, pgd_attack, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
 ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('ce', 50),

@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-import mixkl
+import training
+from cli import amp_default
 from utils import DATASETS, InputError, sha256_file
 
 # Where files are, not how the model was trained; the method has its own column.
@@ -120,13 +121,15 @@ def changed_flags(config):
     """The run's flags that differ from the script's defaults, as command-line text."""
     method = config['method']
     changed = []
-    for action in mixkl.build_parser(config['dataset'])._actions:
+    for action in training.build_parser(config['dataset'])._actions:
         key = action.dest
         if key in NOT_SHOWN_FLAGS or key not in config or not action.option_strings:
             continue
-        # --alpha and --amp have no default of their own: they follow the method, the device.
-        own_defaults = {'alpha': mixkl.DEFAULT_ALPHA.get(method),
-                        'amp': mixkl.amp_default(config.get('device_used'))}
+        # --alpha, --amp and --channels-last have no default of their own: they follow the
+        # method, the device.
+        on_cuda = amp_default(config.get('device_used'))
+        own_defaults = {'alpha': training.DEFAULT_ALPHA.get(method), 'amp': on_cuda,
+                        'channels_last': on_cuda}
         default = own_defaults.get(key, action.default)
         value = config[key]
         if value == default:

@@ -1,9 +1,8 @@
-"""Data, attacks and file helpers shared by training, evaluation and benchmarks.
+"""Data loading, attacks, evaluation and safe file I/O, shared by training and evaluation.
 
 Images are uint8 tensors of shape (N, 3, 32, 32) kept on the compute device;
 batches handed to models are float in [0, 1]. Every attack works in that space.
 """
-import argparse
 import contextlib
 import hashlib
 import io
@@ -28,64 +27,6 @@ DATASETS = {
 
 class InputError(Exception):
     """Bad input from the user (data, checkpoint, flags): reported in one line."""
-
-
-# ---------------------------------------------------------------------------
-# Command-line values
-
-def number_in_range(kind, low=None, high=None, low_open=False):
-    """An argparse type: ``kind`` (int or float) within [low, high] ((low, high] if low_open)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a {kind.__name__}')
-        if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f'{value} must be {">" if low_open else ">="} {low}')
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f'{value} must be <= {high}')
-        return value
-    return parse
-
-
-positive_int = number_in_range(int, 1)
-nonnegative = number_in_range(float, 0)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except None: those flags' help says what they default to."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def enable_fast_cuda():
-    """Training's CUDA settings: cuDNN autotuning (fixed input shapes), TF32 for fp32 work."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-
-@contextlib.contextmanager
-def cudnn_autotuning(enabled):
-    """cuDNN autotuning on or off inside, as it was outside.
-
-    Training's evaluation turns it off: attack_pgd forwards only the examples it
-    has not broken yet, so nearly every PGD step has a new batch size, and with
-    autotuning on cuDNN would time every convolution anew for each one.
-    """
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
-
-
-def resolve_device(name):
-    device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise InputError(f'--device {name}: CUDA is not available on this machine')
-    return device
 
 
 # ---------------------------------------------------------------------------
@@ -330,6 +271,32 @@ def attack_pgd(model, X, y, epsilon, alpha, attack_iters, restarts, loss='ce'):
     return best_delta
 
 
+def attack_fgsm(model, X, y, epsilon):
+    """One signed-gradient step of size epsilon from X itself (no random start)."""
+    delta = torch.zeros_like(X, requires_grad=True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(X + delta), y), delta)
+    return clamp(epsilon * grad.sign(), -X, 1 - X)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled):
+    """cuDNN autotuning on or off inside, as it was outside.
+
+    Training's evaluation turns it off: attack_pgd forwards only the examples it
+    has not broken yet, so nearly every PGD step has a new batch size, and with
+    autotuning on cuDNN would time every convolution anew for each one.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def evaluate_batches(model, batches, attack=None):
     """Accuracy counts of ``model`` (put in eval mode) on (X, y) batches.
 
@@ -345,6 +312,43 @@ def evaluate_batches(model, batches, attack=None):
             correct += (model(X).argmax(1) == y).sum().item()
         total += len(y)
     return correct, total
+
+
+def evaluate_robustness(model, batches, epsilon, alpha, attack_iters, dist=None, seed=None):
+    """Clean and PGD accuracy (one restart) of ``model`` on the same batches.
+
+    With ``dist`` (torchrun, world size N) rank r evaluates batches r, r + N, ...
+    and the counts are summed over the ranks. With ``seed`` each batch's random
+    starts come from a generator seeded by (seed, batch index), leaving the
+    global RNG as it was: the result then does not depend on the number of
+    processes. Without either, this is the single-process evaluation.
+    """
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    clean = robust = total = 0
+    for i, (X, y) in enumerate(batches):
+        if i % world_size != rank:
+            continue
+        with batch_rng(seed, i, X.device):
+            c, n = evaluate_batches(model, [(X, y)])
+            r, _ = evaluate_batches(model, [(X, y)], pgd_attack(epsilon, alpha, attack_iters, 1))
+        clean, robust, total = clean + c, robust + r, total + n
+    if dist is not None:
+        clean, robust, total = dist.all_sum([clean, robust, total])
+    return clean / total, robust / total
+
+
+def batch_rng(seed, index, device):
+    """Global RNGs seeded by (seed, index) inside, restored on exit; nothing when seed is None."""
+    if seed is None:
+        return contextlib.nullcontext()
+    return _seeded_rng(hash((seed, index)) & 0x7fffffffffffffff, device)
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed, device):
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def pgd_attack(epsilon, alpha, attack_iters, restarts, loss='ce'):
@@ -449,61 +453,3 @@ def load_model_weights(path, model_factory, num_classes, width=None, script=''):
         raise InputError(f'{path} does not fit PreActResNet-18 of width {found_width}: '
                          + ' '.join(str(e).split())[:300])
     return model
-
-
-def attack_fgsm(model, X, y, epsilon):
-    """One signed-gradient step of size epsilon from X itself (no random start)."""
-    delta = torch.zeros_like(X, requires_grad=True)
-    grad, = torch.autograd.grad(F.cross_entropy(model(X + delta), y), delta)
-    return clamp(epsilon * grad.sign(), -X, 1 - X)
-
-
-# ---------------------------------------------------------------------------
-# Synthetic data in the CIFAR layout
-
-def class_palette(num_classes, rng):
-    """Distinct colours from an evenly spaced grid: classes stay apart under small attacks."""
-    levels = next(k for k in range(2, 100) if k ** 3 >= num_classes)
-    grid = np.stack(np.meshgrid(*[np.linspace(40, 216, levels).round()] * 3), -1).reshape(-1, 3)
-    return grid[rng.permutation(len(grid))[:num_classes]].astype(np.int64)
-
-
-def learnable_images(labels, num_classes, rng, palette=None):
-    """Images a small model can classify: a class-specific colour plus noise.
-
-    Pass the same ``palette`` (see class_palette) for every split of a dataset.
-    """
-    if palette is None:
-        palette = class_palette(num_classes, rng)
-    images = palette[labels][:, :, None, None] + rng.integers(-30, 31, size=(len(labels), 3, 32, 32))
-    return np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
-
-
-def write_synthetic_cifar(root, dataset='cifar10', n_train=200, n_test=100, seed=0,
-                          learnable=False, num_classes=None):
-    """Write synthetic images in the exact CIFAR python-pickle layout under ``root``.
-
-    For tests and benchmarks: the files go through the same ``load_cifar`` as
-    the real release. ``learnable`` gives images a small model can classify.
-    ``num_classes`` (default: the dataset's) limits the labels used.
-    """
-    spec = DATASETS[dataset]
-    folder, label_key = spec['folder'], spec['label_key']
-    train_files, test_files = spec['train_files'], spec['test_files']
-    classes = num_classes or spec['num_classes']
-    rng = np.random.default_rng(seed)
-    palette = class_palette(classes, rng)
-    os.makedirs(os.path.join(root, folder), exist_ok=True)
-    splits = [(train_files, n_train), (test_files, n_test)]
-    for files, n in splits:
-        labels = rng.integers(0, classes, size=n)
-        images = learnable_images(labels, classes, rng, palette) if learnable else \
-            rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        for i, name in enumerate(files):
-            part = slice(i * n // len(files), (i + 1) * n // len(files))
-            # str keys: what the official files give when unpickled with encoding='latin1'
-            batch = {'batch_label': 'synthetic', 'data': images[part],
-                     label_key: labels[part].tolist()}
-            with open(os.path.join(root, folder, name), 'wb') as f:
-                pickle.dump(batch, f, protocol=2)
-    return root

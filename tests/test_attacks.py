@@ -1,9 +1,6 @@
 """Attacks against known answers, and the evaluation scripts end to end."""
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,10 +11,10 @@ import torch.nn.functional as F
 import evaluate
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
-from utils import (InputError, attack_pgd, evaluate_batches, learnable_images,
-                   load_model_weights, pgd_attack, write_synthetic_cifar)
+from conftest import run_script
+from synthetic import learnable_images, write_synthetic_cifar
+from utils import InputError, attack_pgd, evaluate_batches, load_model_weights, pgd_attack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 8 / 255
 
 
@@ -226,11 +223,6 @@ def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path
 
 # ---------------------------------------------------------------------------
 # The scripts
-
-def run_script(script, *args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
 
 @pytest.mark.parametrize('dataset,classes,attacks', [
     ('cifar10', 10, 'clean,pgd10,pgd20,pgd50,cw20,aa'),

@@ -1,13 +1,11 @@
-"""benchmark.py: it runs end to end on CPU, prints every figure, and compares like with like.
+"""benchmark.py and bf16_check.py: they run end to end on CPU, print every figure, and compare
+like with like.
 
 The speed itself is not tested (it is a script, not a timed test); the runs
 here are tiny: one step of batch 8 at width 8.
 """
 import copy
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,16 +13,17 @@ import torch
 
 import benchmark
 import mixkl
+import training
+from conftest import ROOT, run_script
 from preactresnet import PreActResNet18
-from utils import load_cifar, write_synthetic_cifar
+from synthetic import write_synthetic_cifar
+from utils import load_cifar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--device', 'cpu', '--batch-size', '8', '--width', '8', '--eval-images', '8']
 
 
 def run_benchmark(*flags):
-    result = subprocess.run([sys.executable, 'benchmark.py', *TINY, *flags], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_script('benchmark.py', *TINY, *flags, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -50,7 +49,7 @@ def test_benchmark_prints_both_paths_eval_memory_and_projection():
     assert 'command: python benchmark.py --device cpu' in out
 
 
-def test_check_mode_prints_both_precisions_for_each_seed_and_their_means(capsys):
+def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(capsys):
     # In this process: a second interpreter would pay torch's import again.
     benchmark.main([*TINY, '--check', '--check-epochs', '1', '--check-width', '8',
                     '--check-train-images', '16', '--check-seeds', '2', '--seed', '3'])
@@ -62,34 +61,37 @@ def test_check_mode_prints_both_precisions_for_each_seed_and_their_means(capsys)
             assert all(0 <= accuracy <= 1 for accuracy in runs)
             mean = figure(rf'^mean amp {amp}: .*{model} clean ([\d.]+) \(sd', out)
             assert mean == pytest.approx(sum(runs) / 2, abs=1e-4)
-    assert 'command: python benchmark.py --device cpu' in out
+    assert 'command: python bf16_check.py --device cpu' in out
 
 
-def test_reference_loss_is_the_project_loss_with_another_fgsm_step():
-    """Same RNG draws, same batch: the same loss and the same parameter gradients.
+def test_reference_step_is_the_project_step_with_another_fgsm_step():
+    """Same RNG draws, same batch: the same loss, parameter gradients and teacher.
 
     So the reference path differs from the project path only where it is meant
     to (data pipeline, precision, how the FGSM gradient is computed).
     """
-    args = mixkl.parse_args('cifar10', ['--width', '8'])[0]
+    hp = training.hyperparameters(training.parse_args('cifar10', ['--no-amp'])[0])
     torch.manual_seed(0)
-    student = PreActResNet18(10, 8)
-    teacher = mixkl.ConditionalEMA(student, args.ema_value)
+    model = PreActResNet18(10, 8)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     results = []
-    for loss_fn, model in ((mixkl.mixkl_loss, student),
-                           (benchmark.reference_mixkl_loss, copy.deepcopy(student))):
+    for step in (mixkl.mixkl_step, benchmark.reference_step):
+        student = copy.deepcopy(model).train()
+        teacher = mixkl.ConditionalEMA(student, hp.ema_value)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
         np.random.seed(1)
         torch.manual_seed(1)
-        model.train()
-        loss, _, _ = loss_fn(args, model, teacher, x, y, 2.0, 1.0, 10)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    (project_loss, project_grads), (reference_loss, reference_grads) = results
-    torch.testing.assert_close(reference_loss, project_loss)
+        result = step(student, teacher, optimizer, x, y, hp, epoch=3)
+        results.append((result, [p.grad for p in student.parameters()], teacher.model.state_dict()))
+    (project, project_grads, project_teacher), (reference, reference_grads, reference_teacher) = \
+        results
+    assert reference.loss == pytest.approx(project.loss, rel=1e-6)
+    assert (reference.correct, reference.teacher_updated) == (project.correct,
+                                                               project.teacher_updated)
     for ours, theirs in zip(project_grads, reference_grads):
         torch.testing.assert_close(theirs, ours)
+    for k in project_teacher:
+        torch.testing.assert_close(reference_teacher[k], project_teacher[k])
 
 
 def test_torchvision_reads_the_files_load_cifar_reads(tmp_path):

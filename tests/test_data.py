@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from payloads import CreatesAFile
-from utils import CifarLoader, InputError, crop_flip, load_cifar, write_synthetic_cifar
+from synthetic import write_synthetic_cifar
+from utils import CifarLoader, InputError, crop_flip, load_cifar
 
 
 def naive_crop_flip(image, dy, dx, flip):

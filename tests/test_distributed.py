@@ -3,7 +3,6 @@
 Every test launches real processes through ``python -m torch.distributed.run``
 (what ``torchrun`` runs) on synthetic data in the CIFAR layout.
 """
-import csv
 import json
 import os
 import signal
@@ -15,9 +14,9 @@ import time
 import pytest
 import torch
 
-from utils import write_synthetic_cifar
+from conftest import ROOT, read_metrics, same_weights, the_run_dir
+from synthetic import write_synthetic_cifar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough for a slow CPU, long enough (4 steps x 3 epochs) to be stopped part way.
 TRAIN_FLAGS = ['--epochs', '3', '--train-examples', '128', '--eval-examples', '32',
                '--batch-size', '32', '--width', '8', '--alarm-examples', '16',
@@ -41,22 +40,6 @@ def run(cmd, cwd, timeout=240):
     return result, result.stdout + result.stderr
 
 
-def run_dir_of(out_dir):
-    runs = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return [{k: v for k, v in row.items() if 'seconds' not in k} for row in csv.DictReader(f)]
-
-
-def same_weights(path_a, path_b):
-    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     return write_synthetic_cifar(str(tmp_path_factory.mktemp('data')), n_train=128, n_test=32,
@@ -70,7 +53,7 @@ def ddp_run(tmp_path_factory, data_dir):
     result, output = run(torchrun(2, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--data-dir',
                                   data_dir, '--out_dir', work / 'out', *TRAIN_FLAGS), work)
     assert result.returncode == 0, output
-    return run_dir_of(work / 'out'), output
+    return the_run_dir(work / 'out'), output
 
 
 def test_training_under_torchrun(ddp_run):
@@ -80,7 +63,7 @@ def test_training_under_torchrun(ddp_run):
     assert 'bitwise identical on all 2 processes after every epoch' in output
     assert output.count('epoch 3/3 ') == 1  # only rank 0 logs
     assert json.load(open(os.path.join(run_dir, 'config.json')))['world_size'] == 2
-    assert len(metrics(run_dir)) == 3
+    assert len(read_metrics(run_dir)) == 3
     checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)
     assert checkpoint['world_size'] == 2 and len(checkpoint['rng_per_rank']) == 2
     # Each rank draws its own mixup and random starts.
@@ -147,7 +130,7 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
         # The first epoch's checkpoint: both ranks are inside the training loop.
         while time.time() < deadline and launcher.poll() is None and not (
                 os.path.isdir(out) and os.listdir(out)
-                and os.path.exists(os.path.join(run_dir_of(out), 'checkpoint.pth'))):
+                and os.path.exists(os.path.join(the_run_dir(out), 'checkpoint.pth'))):
             time.sleep(0.02)
         workers = _worker_pids(launcher.pid)
         assert launcher.poll() is None and set(workers) == {0, 1}, launcher.communicate()[0]
@@ -156,7 +139,7 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    run_dir = run_dir_of(out)
+    run_dir = the_run_dir(out)
     assert 'stopped at epoch' in output, 'the run ended before the signal came?\n' + output
     assert launcher.returncode != 0  # torchrun reports the workers' exit code 128 + SIGTERM
     checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)
@@ -167,7 +150,7 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
                                   run_dir), tmp_path)
     assert result.returncode == 0, output
     assert f'resumed from {run_dir}' in output
-    assert metrics(run_dir) == metrics(reference_dir)
+    assert read_metrics(run_dir, times=False) == read_metrics(reference_dir, times=False)
     for name in ('final_model.pth', 'best_model.pth'):
         assert same_weights(os.path.join(run_dir, name), os.path.join(reference_dir, name)), name
 
@@ -175,45 +158,46 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
 GRADIENT_AND_EVAL_SCRIPT = '''
 import copy, json, sys
 import torch
-import mixkl
-from ddp import Distributed
+import mixkl, training
+from ddp import Distributed, SyncedTeacher, wrap_ddp
 from preactresnet import PreActResNet18
+from utils import evaluate_robustness
 
 dist = Distributed.from_env('cpu')
 assert dist.enabled and dist.world_size == 2
 rank, out = dist.rank, {}
-args = mixkl.parse_args('cifar10', ['--width', '8', '--epsilon', '4'])[0]
 torch.manual_seed(0)
 model = PreActResNet18(10, 8)  # the same weights on both ranks
 x, y = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))  # one global batch
 
-# DDP over the StudentPass averages the gradients of the ranks' shares (rank r: x[r::2],
-# its own RNG seed 100 + r): compare with two single-process steps, one per share.
+# The step on the DDP-wrapped student averages the gradients of the ranks' shares (rank r:
+# x[r::2], its own RNG seed 100 + r): compare with two single-process steps, one per share.
+# At lr 0 the step leaves the weights as they are and p.grad is the gradient it used.
 for method in ('mixkl', 'fgsm_rs'):
-    args.method, args.alpha = method, mixkl.DEFAULT_ALPHA[method]
+    args = training.parse_args('cifar10', ['--method', method, '--epsilon', '4', '--no-amp'])[0]
+    hp = training.hyperparameters(args)
 
-    def loss_of(student, share, seed, student_pass=None):
-        mixkl.seed_everything(seed)
-        if method == 'fgsm_rs':
-            return mixkl.fgsm_rs_loss(args, student, x[share::2], y[share::2], student_pass)[0]
-        teacher = mixkl.ConditionalEMA(model, args.ema_value)
-        return mixkl.mixkl_loss(args, student, teacher, x[share::2], y[share::2], 2.0, 1.0, 10,
-                                student_pass)[0]
+    def step(student, teacher, share):
+        training.seed_everything(100 + share)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0)
+        mixkl.STEPS[method](student, teacher, optimizer, x[share::2], y[share::2], hp, epoch=0)
 
     single = []
     for share in range(2):
         student = copy.deepcopy(model).train()
-        loss_of(student, share, 100 + share).backward()
+        step(student, mixkl.ConditionalEMA(student, hp.ema_value) if method == 'mixkl' else None,
+             share)
         single.append([p.grad for p in student.parameters()])
     expected = [(a + b) / 2 for a, b in zip(*single)]
     student = copy.deepcopy(model).train()
-    ddp = mixkl.wrap_ddp(mixkl.StudentPass(student), dist.device)  # alive until the backward
-    loss_of(student, rank, 100 + rank, ddp).backward()
+    teacher = SyncedTeacher(student, hp.ema_value, dist) if method == 'mixkl' else None
+    step(wrap_ddp(student, dist.device), teacher, rank)
     grads = [p.grad for p in student.parameters()]
     out[method] = dict(
         max_error=max((g - e).abs().max().item() for g, e in zip(grads, expected)),
         local_vs_average=max((s - e).abs().max().item() for s, e in zip(single[rank], expected)),
-        identical_on_ranks=dist.identical(grads))
+        identical_on_ranks=dist.identical(grads),
+        teacher_identical=teacher is None or dist.identical(list(teacher.model.state_dict().values())))
 
 # The per-epoch evaluation split over the ranks equals the single-process evaluation.
 torch.manual_seed(1)  # the same images on both ranks
@@ -225,8 +209,8 @@ with torch.no_grad():  # labels: mostly the model's own predictions, so PGD has 
     model.train()(x_eval)
     y_eval = torch.where(torch.arange(40) % 4 == 0, y_random, model.eval()(x_eval).argmax(1))
 batches = [(x_eval[i:i + 8], y_eval[i:i + 8]) for i in range(0, 40, 8)]  # 5: 3 + 2 per rank
-evaluate = lambda dist: mixkl.evaluate_robustness(model, batches, 0.5 / 255, 0.125 / 255, 3,
-                                                  dist=dist, seed=7)
+evaluate = lambda dist: evaluate_robustness(model, batches, 0.5 / 255, 0.125 / 255, 3,
+                                            dist=dist, seed=7)
 rng_before = torch.get_rng_state()
 out['distributed'] = evaluate(dist)
 out['single'] = evaluate(None)
@@ -244,7 +228,7 @@ def test_gradients_averaged_and_evaluation_split(tmp_path):
     assert result.returncode == 0, output
     out = json.load(open(tmp_path / 'out.json'))
     for method in ('mixkl', 'fgsm_rs'):
-        assert out[method]['identical_on_ranks'], method
+        assert out[method]['identical_on_ranks'] and out[method]['teacher_identical'], method
         assert out[method]['max_error'] < 1e-5, (method, out[method])
         assert out[method]['local_vs_average'] > 1e-3, 'the two shares should differ'
     assert out['distributed'] == out['single']

@@ -9,8 +9,6 @@ import csv
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,10 +17,12 @@ import torch
 import mixkl
 import plots
 import summarize as summarize_module
+import training
+from conftest import ROOT, run_script, the_run_dir
 from preactresnet import PreActResNet18
-from utils import load_model_weights, sha256_file, write_synthetic_cifar
+from synthetic import write_synthetic_cifar
+from utils import load_model_weights, sha256_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ['--epochs', '2', '--train-examples', '64', '--eval-examples', '32',
             '--batch-size', '32', '--width', '8', '--alarm-examples', '16']
 
@@ -38,12 +38,10 @@ def data_dir(tmp_path_factory):
 
 def train(data_dir, out_dir, flags):
     """Run MIX_KL_CIFAR10.py on the tiny data; returns (run directory, config, metrics rows)."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'), '--data-dir', data_dir,
-         '--out_dir', str(out_dir), '--device', 'cpu'] + TINY_RUN + flags,
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = run_script('MIX_KL_CIFAR10.py', '--data-dir', data_dir, '--out_dir', out_dir,
+                        '--device', 'cpu', *TINY_RUN, *flags, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    run_dir, = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
+    run_dir = the_run_dir(out_dir)
     with open(os.path.join(run_dir, 'config.json')) as f:
         config = json.load(f)
     with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
@@ -98,7 +96,7 @@ def test_ablation_trains_end_to_end(name, data_dir, baseline, tmp_path):
 # In process: each flag removes exactly its component
 
 def method_args(*flags):
-    args, _ = mixkl.parse_args('cifar10', list(flags))
+    args, _ = training.parse_args('cifar10', ['--no-amp', *flags])
     return args
 
 
@@ -107,14 +105,13 @@ def small_batch(n=8):
     return torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
 
 
-def student_gradient(args, student, teacher, x, y, tau=2.0):
-    """Gradient of mixkl_loss w.r.t. the student's weights, with the random draws fixed."""
+def step_gradient(args, student, teacher, x, y):
+    """The student's gradient in one mixkl_step (at lr 0), with the random draws fixed."""
     student = copy.deepcopy(student)  # BN running statistics must not carry over
     np.random.seed(0)
     torch.manual_seed(0)
-    w_kl = mixkl.kl_weight(tau, args.tau0, args.lambda_kl_base)
-    loss, _, _ = mixkl.mixkl_loss(args, student, teacher, x, y, tau, w_kl, 10)
-    loss.backward()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0)
+    mixkl.mixkl_step(student, teacher, optimizer, x, y, training.hyperparameters(args), epoch=0)
     return torch.cat([p.grad.flatten() for p in student.parameters()])
 
 
@@ -132,46 +129,43 @@ def two_teachers(student):
 def test_kl_weight_zero_cuts_the_teacher_out(lambda_kl_base, teacher_matters):
     torch.manual_seed(0)
     student = PreActResNet18(10, width=8).train()
-    teacher, changed_teacher = two_teachers(student)
     args = method_args('--lambda-kl-base', lambda_kl_base)
     x, y = small_batch()
-    grad = student_gradient(args, student, teacher, x, y)
-    grad_other_teacher = student_gradient(args, student, changed_teacher, x, y)
+    # Fresh teachers for each step: a step may update its teacher.
+    grad = step_gradient(args, student, two_teachers(student)[0], x, y)
+    grad_other_teacher = step_gradient(args, student, two_teachers(student)[1], x, y)
     assert torch.equal(grad, grad_other_teacher) != teacher_matters
 
 
-class CleanForwardProbe(torch.nn.Module):
-    """The student, with a zero added to the logits of its clean forward.
+def probe_clean_forward(model):
+    """Add a zero to the logits of the student's clean forward (the one without features).
 
     The zero is a leaf tensor: it receives a gradient exactly when the clean
-    forward takes part in the loss. mixkl_loss asks for features on every
-    forward except the clean one.
+    forward takes part in the loss. Returns it and the list of clean calls.
     """
+    zero, calls = torch.zeros(1, 10, requires_grad=True), []
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.zero = torch.zeros(1, 10, requires_grad=True)
-        self.clean_calls = 0
+    def hook(module, args, kwargs, output):
+        if kwargs.get('return_features'):
+            return output
+        calls.append(1)
+        return output + zero
 
-    def forward(self, x, return_features=False):
-        if return_features:
-            return self.model(x, return_features=True)
-        self.clean_calls += 1
-        return self.model(x) + self.zero
+    model.register_forward_hook(hook, with_kwargs=True)
+    return zero, calls
 
 
 @pytest.mark.parametrize('lamda, clean_matters', [('12', True), ('0', False)])
 def test_lamda_zero_cuts_the_clean_forward_out(lamda, clean_matters):
     torch.manual_seed(0)
-    probe = CleanForwardProbe(PreActResNet18(10, width=8).train())
-    teacher = mixkl.ConditionalEMA(probe.model, 0.82)
+    student = PreActResNet18(10, width=8).train()
+    teacher = mixkl.ConditionalEMA(student, 0.82)
+    zero, clean_calls = probe_clean_forward(student)
     x, y = small_batch()
-    loss, _, _ = mixkl.mixkl_loss(method_args('--lamda', lamda), probe, teacher, x, y,
-                                  2.0, 1.0, 10)
-    loss.backward()
-    assert probe.clean_calls == 1
-    reached = probe.zero.grad is not None and probe.zero.grad.abs().sum() > 0
+    mixkl.mixkl_step(student, teacher, torch.optim.SGD(student.parameters(), lr=0), x, y,
+                     training.hyperparameters(method_args('--lamda', lamda)), epoch=0)
+    assert len(clean_calls) == 1, 'the clean forward runs either way: it decides teacher updates'
+    reached = zero.grad is not None and zero.grad.abs().sum() > 0
     assert reached == clean_matters
 
 
@@ -188,34 +182,25 @@ def test_mixup_alpha_zero_keeps_images_and_one_hot_labels():
 
 def test_constant_tau_schedule_keeps_tau0():
     args = method_args('--tau-schedule', 'constant')
-    taus = [mixkl.temperature(e, args.tau0, args.gamma, args.tau_schedule) for e in range(110)]
+    hp = training.hyperparameters(args)
+    taus = [mixkl.temperature(e, hp.tau0, hp.gamma, hp.tau_schedule) for e in range(110)]
     assert taus == [2.0] * 110
-    assert {mixkl.kl_weight(t, args.tau0, args.lambda_kl_base) for t in taus} == {1.0}
+    assert {mixkl.kl_weight(t, hp.tau0, hp.lambda_kl_base) for t in taus} == {1.0}
     geometric = [mixkl.temperature(e, 2.0, 0.99) for e in (0, 1, 109)]
     assert geometric == pytest.approx([2.0, 1.98, 2.0 * 0.99 ** 109])
-
-
-class InputRecorder(torch.nn.Module):
-    """The student, remembering the input of every forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.inputs = model, []
-
-    def forward(self, x, return_features=False):
-        self.inputs.append(x.detach().clone())
-        return self.model(x, return_features=return_features)
 
 
 @pytest.mark.parametrize('delta_init', ['random', 'zero'])
 def test_delta_init_zero_starts_the_fgsm_step_at_the_image(delta_init):
     torch.manual_seed(0)
-    recorder = InputRecorder(PreActResNet18(10, width=8).train())
-    teacher = mixkl.ConditionalEMA(recorder.model, 0.82)
-    args = method_args('--delta-init', delta_init, '--mixup-alpha', '0')
+    student = PreActResNet18(10, width=8).train()
+    inputs = []
+    student.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    teacher = mixkl.ConditionalEMA(student, 0.82)
+    hp = training.hyperparameters(method_args('--delta-init', delta_init, '--mixup-alpha', '0'))
     x, y = small_batch()
-    mixkl.mixkl_loss(args, recorder, teacher, x, y, 2.0, 1.0, 10)
-    start = recorder.inputs[0] - x  # the first forward is the FGSM step's
+    mixkl.mixkl_step(student, teacher, torch.optim.SGD(student.parameters(), lr=0), x, y, hp, 0)
+    start = inputs[0] - x  # the first forward is the FGSM step's
     if delta_init == 'zero':
         assert torch.equal(start, torch.zeros_like(x))
     else:
@@ -229,14 +214,14 @@ def test_delta_init_zero_starts_the_fgsm_step_at_the_image(delta_init):
 
 def history(fgsm, pgd):
     """Metrics rows with the given alarm accuracies (the other columns are filler)."""
-    return [dict({k: 0.0 for k in mixkl.METRIC_FIELDS}, epoch=i + 1, alarm_fgsm_acc=f,
+    return [dict({k: 0.0 for k in training.METRIC_FIELDS}, epoch=i + 1, alarm_fgsm_acc=f,
                  alarm_pgd_acc=p) for i, (f, p) in enumerate(zip(fgsm, pgd))]
 
 
 def alarm_epochs(rows):
     """The epochs (1-based) after which the trainer's alarm fires."""
     return [n for n in range(1, len(rows) + 1)
-            if mixkl.overfitting_alarm([r['alarm_fgsm_acc'] for r in rows[:n]],
+            if training.overfitting_alarm([r['alarm_fgsm_acc'] for r in rows[:n]],
                                        [r['alarm_pgd_acc'] for r in rows[:n]])]
 
 
@@ -257,8 +242,8 @@ def test_alarm_is_silent_when_fgsm_falls_too():
     # Both attacks succeed more: the model got weaker, not gradient-masked.
     rows = history(fgsm=[0.40, 0.45, 0.10], pgd=[0.30, 0.35, 0.05])
     assert alarm_epochs(rows) == []
-    assert not mixkl.overfitting_alarm([], [])
-    assert not mixkl.overfitting_alarm([0.0, 0.0], [0.0, 0.0])
+    assert not training.overfitting_alarm([], [])
+    assert not training.overfitting_alarm([0.0, 0.0], [0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +262,7 @@ def test_plot_curves_writes_the_panels(tmp_path):
         row.update(test_clean_acc=0.5 + 0.1 * i, test_pgd_acc=0.2 + 0.05 * i,
                    train_loss=2.0 - 0.3 * i, tau=2 * 0.99 ** i, kl_weight=0.99 ** (2 * i))
     # As read back from metrics.csv: every number a string.
-    mixkl.write_metrics(str(tmp_path / 'metrics.csv'), rows)
+    training.write_metrics(str(tmp_path / 'metrics.csv'), rows)
     with open(tmp_path / 'metrics.csv', newline='') as f:
         rows_from_csv = list(csv.DictReader(f))
     path = str(tmp_path / 'curves.png')
@@ -301,15 +286,16 @@ def write_run(parent, name, flags, metrics):
     """A run directory written by hand: config.json, metrics.csv, model files."""
     run_dir = parent / name
     run_dir.mkdir()
-    args, _ = mixkl.parse_args('cifar10', flags)
-    if args.amp is None:
-        args.amp = True  # as Trainer resolves it on CUDA
+    args, _ = training.parse_args('cifar10', flags)
+    for flag in ('amp', 'channels_last'):
+        if getattr(args, flag) is None:
+            setattr(args, flag, True)  # as Trainer resolves them on CUDA
     config = {**vars(args), 'data_dir': '/elsewhere', 'out_dir': str(parent),
               'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py'}
     (run_dir / 'config.json').write_text(json.dumps(config))
-    rows = [dict({k: 0 for k in mixkl.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
+    rows = [dict({k: 0 for k in training.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
                  test_clean_acc=c, test_pgd_acc=p) for i, (s, e, c, p) in enumerate(metrics)]
-    mixkl.write_metrics(str(run_dir / 'metrics.csv'), rows)
+    training.write_metrics(str(run_dir / 'metrics.csv'), rows)
     for checkpoint in ('best_model.pth', 'final_model.pth'):
         (run_dir / checkpoint).write_bytes(f'weights of {name}/{checkpoint}'.encode())
     return run_dir
@@ -327,8 +313,7 @@ def write_results(path, entries, n=10000):
 
 def summarize(*paths):
     """summarize.py as a user runs it."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'summarize.py')]
-                            + [str(p) for p in paths], capture_output=True, text=True, cwd=ROOT)
+    result = run_script('summarize.py', *paths, cwd=ROOT)
     return result.returncode, result.stdout, result.stderr
 
 

@@ -1,5 +1,11 @@
-"""The pieces of METHOD.md, each against a hand computation."""
-import math
+"""The pieces of METHOD.md against hand computations, and one whole step against a straight line.
+
+``test_one_step_equals_method_md_written_out`` is the golden test of the method:
+it writes METHOD.md steps 1-7 out in plain torch (no loss piece of mixkl.py),
+from the same weights and random draws, and compares the loss, the perturbation,
+the gradients and the teacher with those of mixkl.mixkl_step.
+"""
+import copy
 
 import numpy as np
 import pytest
@@ -8,7 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mixkl
+import training
 from preactresnet import PreActResNet18
+
+
+def flag_hyperparameters(*flags):
+    """The step's settings as the training script makes them from these flags (fp32)."""
+    return training.hyperparameters(training.parse_args('cifar10', ['--no-amp', *flags])[0])
 
 
 def test_geometric_kl_is_tau_squared_kl_of_the_geometric_distributions():
@@ -75,8 +87,9 @@ def test_random_start_is_a_half_radius_corner_inside_the_box():
 
 @pytest.mark.parametrize('epsilon,alpha', [(8, 8), (4, 6), (16, 2)])
 def test_fgsm_step_stays_in_the_ball_and_box_and_follows_the_gradient_sign(epsilon, alpha):
-    args, _ = mixkl.parse_args('cifar10', ['--epsilon', str(epsilon), '--alpha', str(alpha)])
-    eps, step = args.epsilon / 255, args.alpha / 255
+    hp = flag_hyperparameters('--epsilon', str(epsilon), '--alpha', str(alpha))
+    eps, step = hp.epsilon, hp.alpha
+    assert (eps, step) == (epsilon / 255, alpha / 255), 'the flags are in /255'
     torch.manual_seed(0)
     model = PreActResNet18(10, width=4)
     xm = torch.rand(8, 3, 32, 32)
@@ -92,6 +105,26 @@ def test_fgsm_step_stays_in_the_ball_and_box_and_follows_the_gradient_sign(epsil
     mixkl.soft_cross_entropy(model(xm + d), ym).backward()
     expected = torch.max(torch.min((delta0 + step * d.grad.sign()).clamp(-eps, eps), 1 - xm), -xm)
     assert torch.allclose(delta, expected)
+
+
+def test_consistency_term_by_hand():
+    # Two examples, two classes, features of size 2; xm + delta differs from xm by 0.5 in
+    # one of four pixels: mse = 0.25 / 4 = 0.0625, so the denominator is 0.1875.
+    adv, clean = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    # softmax([1, 0]) = (e / (e + 1), 1 / (e + 1)) = (0.731059, 0.268941); softmax([0, 0]) = 0.5s.
+    # Logits: squared differences 0, 0, 0.231059^2, 0.231059^2 -> mean 0.026694.
+    adv_features = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    start_features = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    # softmax([2, 0]) = (0.880797, 0.119203): squared differences 2 * 0.380797^2 -> mean 0.072503.
+    xm = torch.zeros(1, 4)
+    delta = torch.tensor([[0.5, 0.0, 0.0, 0.0]])
+    value = mixkl.consistency_loss(adv, clean, adv_features, start_features, xm, delta)
+    expected = (2 * 0.231059 ** 2 / 4 + 2 * 0.380797 ** 2 / 4) / (0.0625 + 0.125)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.52906, rel=1e-4)
+    # No perturbation: the denominator is 0.125 alone.
+    assert mixkl.consistency_loss(adv, clean, adv_features, start_features, xm, 0 * delta).item() \
+        == pytest.approx(expected * 0.1875 / 0.125, rel=1e-5)
 
 
 class TinyNet(nn.Module):
@@ -110,16 +143,24 @@ def fill(model, value):
             t.fill_(value)
 
 
-def test_teacher_update_condition_and_decay():
-    teacher = mixkl.ConditionalEMA(TinyNet(), threshold=0.82)
-    assert teacher.wants_update(clean_correct=100, adv_correct=81)
-    # The 1e-8 in the denominator puts an exact 0.82 just below the threshold.
-    assert teacher.wants_update(clean_correct=100, adv_correct=82)
-    assert not teacher.wants_update(clean_correct=100, adv_correct=83)
-    assert teacher.wants_update(clean_correct=0, adv_correct=0)
-    assert [teacher.decay()] == [pytest.approx(1 / 10)]
-    teacher.updates = 5
-    assert teacher.decay() == pytest.approx(6 / 15)
+def test_teacher_rule_by_hand():
+    """Update when adv_ok / (clean_ok + 1e-8) < 0.82, the --ema-value default; decay (k+1)/(k+10)."""
+    threshold = flag_hyperparameters().ema_value
+    student = TinyNet()
+    teacher = mixkl.ConditionalEMA(student, threshold)
+    fill(teacher.model, 0)
+    fill(student, 1)
+    # 81/100 and 82/100 are below 0.82 (the 1e-8 puts an exact 0.82 just below); 83/100 is not.
+    assert [teacher.maybe_update(student, clean_ok=100, adv_ok=a) for a in (83, 81, 82)] == \
+        [False, True, True]
+    assert teacher.maybe_update(student, clean_ok=0, adv_ok=0), 'no clean hit: 0 < 0.82'
+    assert not teacher.maybe_update(student, clean_ok=10, adv_ok=9)
+    assert teacher.updates == 3
+    # Three updates towards 1 with decays 1/10, 2/11, 3/12.
+    expected = 1 - (1 / 10) * (2 / 11) * (3 / 12)
+    weight = teacher.model.linear.weight
+    assert torch.allclose(weight, torch.full_like(weight, expected))
+    assert teacher.decay() == pytest.approx(4 / 13)
     teacher.updates = 100000
     assert teacher.decay() == 0.999
 
@@ -164,44 +205,139 @@ def test_learning_rate_milestones():
     assert cyclic == pytest.approx([0, 0.5, 1, 0.5, 0])
 
 
-def test_mixkl_loss_adds_the_three_terms():
-    args, _ = mixkl.parse_args('cifar10', [])
+
+
+# ---------------------------------------------------------------------------
+# One whole step, written out
+
+# METHOD.md's numbers, typed here rather than read from the project.
+EPS, ALPHA, LAMDA, TAU0, GAMMA, KL_BASE, EMA_VALUE, MIXUP = 8 / 255, 8 / 255, 12, 2.0, 0.99, 1.0, \
+    0.82, 0.4
+
+
+def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epoch):
+    """METHOD.md steps 1-7, line by line. Returns (loss, delta, adv_ok, teacher updated)."""
+    tau = TAU0 * GAMMA ** epoch
+    w_kl = KL_BASE * (tau / TAU0) ** 2
+    # 1. mixup
+    onehot = F.one_hot(y, 10).float()
+    xm = lam * x + (1 - lam) * x[perm]
+    ym = lam * onehot + (1 - lam) * onehot[perm]
+    # 2. random start: u clipped so that xm + u is in [0, 1]; a half-radius corner, clipped again
+    u = torch.max(torch.min(u, 1 - xm), -xm)
+    delta0 = torch.max(torch.min(EPS / 2 * torch.sign(u), 1 - xm), -xm).requires_grad_(True)
+    # 3. FGSM step
+    logits0, feat0 = student(xm + delta0, return_features=True)
+    loss0 = -(ym * torch.log_softmax(logits0, 1)).sum(1).mean()
+    g, = torch.autograd.grad(loss0, delta0, retain_graph=True)
+    delta = (delta0.detach() + ALPHA * torch.sign(g)).clamp(-EPS, EPS)
+    delta = torch.max(torch.min(delta, 1 - xm), -xm)
+    # 4. forwards
+    za, fa = student(xm + delta, return_features=True)
+    zc = student(xm)
+    with torch.no_grad():
+        zt = teacher(xm + delta)
+    # 5. loss
+    ce = -(ym * torch.log_softmax(za, 1)).sum(1).mean()
+
+    def mse(a, b):
+        return ((a - b) ** 2).mean()
+
+    con = (mse(torch.softmax(za, 1), torch.softmax(zc, 1))
+           + mse(torch.softmax(fa, 1), torch.softmax(feat0, 1))) / (mse(xm + delta, xm) + 0.125)
+
+    def geo(z):
+        p = torch.softmax(z / tau, 1) ** (1 / tau)
+        return p / p.sum(1, keepdim=True)
+
+    pt, ps = geo(zt), geo(za)
+    kl = tau ** 2 * (pt * (torch.log(pt) - torch.log(ps + 1e-8))).sum() / len(x)
+    loss = ce + LAMDA * con + w_kl * kl
+    # 6. SGD step
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    # 7. conditional teacher update, on the original labels
+    clean_ok = (zc.argmax(1) == y).sum().item()
+    adv_ok = (za.argmax(1) == y).sum().item()
+    update = adv_ok / (clean_ok + 1e-8) < EMA_VALUE
+    if update:
+        decay = min(0.999, (updates + 1) / (updates + 10))
+        with torch.no_grad():
+            s = student.state_dict()
+            for name, t in teacher.state_dict().items():
+                t.copy_(decay * t + (1 - decay) * s[name] if t.is_floating_point() else s[name])
+    return loss.item(), delta, adv_ok, update
+
+
+# Two batches from the same weights: on the first, adversarial/clean correct = 4/5 = 0.8 (the
+# teacher is updated); on the second 7/8 = 0.875 (it is not). Between them lies 0.82.
+@pytest.mark.parametrize('seed, ratio', [(27, 0.8), (215, 0.875)])
+def test_one_step_equals_method_md_written_out(seed, ratio):
+    hp = flag_hyperparameters()  # the training script's defaults
+    epoch = 30                   # tau = 2 * 0.99^30: tau != tau0, so both tau factors matter
     torch.manual_seed(0)
-    np.random.seed(0)
-    student = PreActResNet18(10, width=4)
-    teacher = mixkl.ConditionalEMA(student, 0.82)
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    state = (torch.get_rng_state(), np.random.get_state())
-    full, _, _ = mixkl.mixkl_loss(args, student, teacher, x, y, 2.0, 1.0, 10)
-    torch.set_rng_state(state[0])
-    np.random.set_state(state[1])
-    args.lamda = 0
-    ce_only, _, _ = mixkl.mixkl_loss(args, student, teacher, x, y, 2.0, 0.0, 10)
-    assert math.isfinite(full.item()) and full.item() > ce_only.item() > 0
+    student = PreActResNet18(10, width=4).train()
+    teacher = mixkl.ConditionalEMA(student, hp.ema_value)
+    torch.manual_seed(1)  # a teacher unlike the student, so the KL term is large
+    teacher.model.load_state_dict(PreActResNet18(10, width=4).state_dict())
+    teacher.updates = 5   # decay 6/15
+    g = torch.Generator().manual_seed(1000 + seed)
+    x, y = torch.rand(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    ours = copy.deepcopy(student), copy.deepcopy(teacher.model)
+    ours_opt = torch.optim.SGD(ours[0].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    # The draws, in mixkl_step's order: lam (numpy), then perm and u (torch).
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    lam = float(np.random.beta(MIXUP, MIXUP))
+    perm = torch.randperm(32)
+    u = torch.empty_like(x).uniform_(-EPS, EPS)
+    loss, delta, adv_ok, updated = method_md_step(*ours, 5, ours_opt, x, y, lam, perm, u, epoch)
+
+    inputs = []  # of every forward of the student
+    student.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    result = mixkl.mixkl_step(student, teacher, optimizer, x, y, hp, epoch)
+
+    xm = lam * x + (1 - lam) * x[perm]
+    assert torch.allclose(inputs[2], xm, atol=1e-6), 'the third forward is the clean one'
+    torch.testing.assert_close(inputs[1] - xm, delta, rtol=0, atol=1e-6)
+    assert result.loss == pytest.approx(loss, rel=1e-5, abs=1e-5)
+    for (name, p), q in zip(student.named_parameters(), ours[0].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+    assert (result.teacher_updated, updated) == (ratio < 0.82, ratio < 0.82)
+    assert teacher.updates == 5 + updated
+    assert (result.correct, result.n) == (adv_ok, 32)
+    for (name, t), r in zip(teacher.model.state_dict().items(), ours[1].state_dict().values()):
+        torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-5, msg=name)
+    if updated:  # the update moved the teacher, so the comparison above compared something
+        assert not torch.equal(teacher.model.linear.weight,
+                               PreActResNet18(10, width=4).linear.weight)
 
 
 def test_amp_runs_the_student_in_bf16_and_keeps_the_loss_in_fp32():
     """--amp: bf16 autocast around the student's calls (on CPU too); the loss terms are fp32."""
     torch.manual_seed(0)
-    student = PreActResNet18(10, width=8)
-    teacher = mixkl.ConditionalEMA(student, 0.82)
-    output_dtypes = []
-    student.linear.register_forward_hook(lambda module, inputs, out:
-                                         output_dtypes.append(out.dtype))
+    model = PreActResNet18(10, width=8)
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    state = (torch.get_rng_state(), np.random.get_state())
-    losses = {}
+    results = {}
     for flag in ('--no-amp', '--amp'):
-        args, _ = mixkl.parse_args('cifar10', [flag])
-        torch.set_rng_state(state[0])
-        np.random.set_state(state[1])
-        loss, clean_logits, adv_logits = mixkl.mixkl_loss(args, student, teacher, x, y,
-                                                          2.0, 1.0, 10)
-        assert loss.dtype == clean_logits.dtype == adv_logits.dtype == torch.float32
-        loss.backward()
+        student = copy.deepcopy(model).train()
+        teacher = mixkl.ConditionalEMA(student, 0.82)
+        dtypes = []
+        student.linear.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        hp = training.hyperparameters(training.parse_args('cifar10', [flag])[0])
+        result = mixkl.mixkl_step(student, teacher, optimizer, x, y, hp, epoch=0)
         assert all(p.grad.dtype == torch.float32 for p in student.parameters())
-        losses[flag] = loss.item()
-    # Three student calls per step: the FGSM step's, the adversarial one, the clean one.
-    assert output_dtypes == [torch.float32] * 3 + [torch.bfloat16] * 3
-    assert losses['--amp'] != losses['--no-amp']
-    assert losses['--amp'] == pytest.approx(losses['--no-amp'], rel=0.05)
+        # Three student calls per step: the FGSM step's, the adversarial one, the clean one.
+        assert dtypes == [torch.bfloat16 if flag == '--amp' else torch.float32] * 3
+        results[flag] = result.loss
+    assert results['--amp'] != results['--no-amp']
+    assert results['--amp'] == pytest.approx(results['--no-amp'], rel=0.05)

@@ -1,49 +1,30 @@
 """The training scripts end to end: outputs, learning, resuming, signals and bad input."""
-import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-import mixkl
+import training
+from conftest import load_weights, read_metrics, run_script
+from conftest import run_dirs as run_dirs_in
 from preactresnet import PreActResNet18
-from utils import write_synthetic_cifar
+from synthetic import write_synthetic_cifar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--train-examples', '256', '--eval-examples', '64', '--batch-size', '64', '--width', '8',
         '--alarm-examples', '32', '--eval-batch-size', '64']
-TIME_COLUMNS = {'seconds', 'eval_seconds'}
-
-
-def script(dataset):
-    return os.path.join(ROOT, 'MIX_KL_CIFAR10.py' if dataset == 'cifar10' else 'MIX_KL_CIFAR100.py')
 
 
 def train(dataset, cwd, *args, wait=True):
-    command = [sys.executable, script(dataset), '--out_dir', 'output', '--data-dir', 'data', *args]
-    if not wait:
-        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+    """The training script of ``dataset`` in ``cwd``, on cwd/data, writing to cwd/output."""
+    return run_script(dataset, '--out_dir', 'output', '--data-dir', 'data', *args, cwd=cwd,
+                      wait=wait)
 
 
 def run_dirs(cwd):
-    out = os.path.join(cwd, 'output')
-    return sorted(os.path.join(out, d) for d in os.listdir(out))
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return list(csv.DictReader(f))
-
-
-def load_weights(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return run_dirs_in(os.path.join(cwd, 'output'))
 
 
 @pytest.fixture(scope='module', params=['cifar10', 'cifar100'])
@@ -67,10 +48,11 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
         model = PreActResNet18(classes, width=8)
         model.load_state_dict(load_weights(os.path.join(run_dir, name)))
     row, = read_metrics(run_dir)
-    assert set(row) == set(mixkl.METRIC_FIELDS)
+    assert set(row) == set(training.METRIC_FIELDS)
     assert row['epoch'] == '1'
     assert float(row['tau']) == 2.0 and float(row['kl_weight']) == 1.0
-    assert 0 <= int(row['teacher_updates']) <= 4
+    checkpoint = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
+    assert int(row['teacher_updates']) == checkpoint['teacher_updates'], 'one epoch: all of them'
     assert 0 < float(row['lr']) <= 0.1
     for column in ('train_acc', 'test_clean_acc', 'test_pgd_acc', 'alarm_fgsm_acc', 'alarm_pgd_acc'):
         assert 0 <= float(row[column]) <= 1
@@ -118,20 +100,54 @@ def test_the_per_epoch_evaluation_runs_without_cudnn_autotuning(tmp_path, monkey
     """PGD's batches shrink as it breaks examples: autotuning would time every size anew."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
     autotuning_seen = []
-    evaluate = mixkl.evaluate_robustness
+    evaluate = training.evaluate_robustness
 
     def recording(*args, **kwargs):
         autotuning_seen.append(torch.backends.cudnn.benchmark)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(mixkl, 'evaluate_robustness', recording)
+    monkeypatch.setattr(training, 'evaluate_robustness', recording)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', True)  # as training sets it on CUDA
-    args, parser = mixkl.parse_args('cifar10', [
+    args, parser = training.parse_args('cifar10', [
         '--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
         '--epochs', '2', '--batch-size', '16', '--width', '4', '--alarm-examples', '8'])
-    assert mixkl.Trainer(args, parser).fit() == 0
+    assert training.Trainer(args, parser).fit() == 0
     assert autotuning_seen == [False, False]
     assert torch.backends.cudnn.benchmark is True, 'training steps keep it'
+
+
+def test_what_a_gpu_run_does_runs_on_cpu(tmp_path, monkeypatch):
+    """CUDA's defaults, apart from the backend switches: bf16 autocast in the training forwards,
+    channels_last models, and an fp32 evaluation of models in eval mode after each epoch."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    args, parser = training.parse_args('cifar10', [
+        '--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
+        '--epochs', '1', '--batch-size', '16', '--width', '4', '--alarm-examples', '8',
+        '--amp', '--channels-last'])
+    trainer = training.Trainer(args, parser)
+    for model in (trainer.student, trainer.teacher.model):
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    phase, seen = ['train'], []
+    for name, model in (('student', trainer.student), ('teacher', trainer.teacher.model)):
+        model.linear.register_forward_hook(lambda module, inputs, out, name=name: seen.append(
+            (phase[0], name, module.training, out.dtype)))
+    end_epoch = trainer.end_epoch
+
+    def evaluating(epoch):
+        phase[0] = 'eval'
+        end_epoch(epoch)
+        phase[0] = 'train'
+
+    monkeypatch.setattr(trainer, 'end_epoch', evaluating)
+    assert trainer.fit() == 0
+    train_calls = {(name, mode, dtype) for p, name, mode, dtype in seen if p == 'train'}
+    assert train_calls == {('student', True, torch.bfloat16), ('teacher', False, torch.bfloat16)}
+    eval_calls = {(name, mode, dtype) for p, name, mode, dtype in seen if p == 'eval'}
+    # The teacher on the test set, the student on the overfitting alarm's training images.
+    assert eval_calls == {('student', False, torch.float32), ('teacher', False, torch.float32)}
+    config = json.load(open(os.path.join(trainer.run_dir, 'config.json')))
+    assert config['amp'] is True and config['channels_last'] is True
 
 
 def wait_for(exists, proc, timeout=300):
@@ -155,9 +171,9 @@ def wait_for_file(cwd, name, proc):
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=512, n_test=64, seed=3)
     # 32 steps an epoch: the signal, sent when epoch 1 is written, lands inside epoch 2.
-    # --amp (bf16 autocast, off by default on CPU): the resumed run must keep it.
+    # --amp and --channels-last (CUDA's defaults, off on CPU): the resumed run must keep them.
     args = ['--epochs', '2', '--seed', '5', *TINY, '--train-examples', '512', '--batch-size', '16',
-            '--amp']
+            '--amp', '--channels-last']
     whole = tmp_path / 'whole'
     os.makedirs(whole)
     os.symlink(tmp_path / 'data', whole / 'data')
@@ -181,8 +197,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     a = load_weights(os.path.join(reference, 'final_model.pth'))
     b = load_weights(os.path.join(run_dir, 'final_model.pth'))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows]
-    assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
+    assert read_metrics(run_dir, times=False) == read_metrics(reference, times=False)
     log = open(os.path.join(run_dir, 'train.log')).read()
     assert log.count('run directory:') == 2, 'the log is appended to'
 
@@ -227,7 +242,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
 ])
 def test_nonsense_flags_are_argument_errors(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        mixkl.parse_args('cifar10', flags)
+        training.parse_args('cifar10', flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -247,6 +262,5 @@ def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
     assert proc.returncode == 2 and 'this run has one process' in proc.stderr
 
     (tmp_path / 'a-file').write_text('')
-    proc = subprocess.run([sys.executable, script('cifar10'), '--out_dir', 'a-file/runs',
-                           '--data-dir', 'data'], cwd=tmp_path, capture_output=True, text=True)
+    proc = run_script('cifar10', '--out_dir', 'a-file/runs', '--data-dir', 'data', cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith('error: cannot write to a-file/runs')

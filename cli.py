@@ -1,0 +1,57 @@
+"""Command-line pieces shared by the scripts: value types, the help format, the device.
+
+The training, evaluation and benchmark scripts take their flags through these,
+so a bad value is refused the same way everywhere, with a one-line argparse error.
+"""
+import argparse
+
+import torch
+
+from utils import InputError
+
+
+def number_in_range(kind, low=None, high=None, low_open=False):
+    """An argparse type: ``kind`` (int or float) within [low, high] ((low, high] if low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a {kind.__name__}')
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f'{value} must be {">" if low_open else ">="} {low}')
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f'{value} must be <= {high}')
+        return value
+    return parse
+
+
+positive_int = number_in_range(int, 1)
+nonnegative = number_in_range(float, 0)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags' help says what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def resolve_device(name):
+    device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f'--device {name}: CUDA is not available on this machine')
+    return device
+
+
+def amp_default(device):
+    """--amp and --channels-last when not given: on for CUDA, off on CPU.
+
+    ``device`` is a torch.device or its text (config.json's device_used).
+    """
+    return str(device).startswith('cuda')
+
+
+def enable_fast_cuda():
+    """Training's CUDA settings: cuDNN autotuning (fixed input shapes), TF32 for fp32 work."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,606 @@
+"""The training run around mixkl.py's step: flags, epochs, per-epoch evaluation, checkpoints.
+
+``MIX_KL_CIFAR10.py`` and ``MIX_KL_CIFAR100.py`` name the dataset and call
+``main``. ``Trainer.fit`` runs the epochs; ``Trainer.train_epoch`` calls the
+method's step (mixkl.STEPS) on every batch; ``Trainer.end_epoch`` evaluates the
+teacher, writes the metrics and a resumable checkpoint. Under torchrun, ddp.py
+wraps the student and the teacher; the step is the same.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import plots
+from cli import (HelpFormatter, amp_default, enable_fast_cuda, nonnegative, number_in_range,
+                 positive_int, resolve_device)
+from ddp import Distributed, SyncedTeacher, wrap_ddp
+from mixkl import STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, temperature
+from preactresnet import PreActResNet18
+from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text, attack_fgsm,
+                   cudnn_autotuning, evaluate_batches, evaluate_robustness, load_cifar,
+                   pgd_attack, safe_torch_load)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+DEFAULT_ALPHA = {'mixkl': 8.0, 'fgsm_rs': 10.0}
+# Flags that may change when a run is resumed; every other one must match the run.
+RESUME_MAY_CHANGE = {'resume', 'device', 'data_dir', 'out_dir', 'amp', 'channels_last'}
+
+
+def build_parser(dataset):
+    name = DATASETS[dataset]['name']
+    p = argparse.ArgumentParser(
+        description=f'Train PreActResNet-18 on {name} with MIX-KL (or a baseline).',
+        formatter_class=HelpFormatter)
+    io = p.add_argument_group('data and output')
+    io.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data',
+                    help='folder holding (or receiving) the python-pickle CIFAR files')
+    io.add_argument('--out_dir', '--out-dir', dest='out_dir', default='./output/',
+                    help='a run directory is created inside it')
+    io.add_argument('--resume', help='run directory (or its checkpoint.pth) to continue')
+    io.add_argument('--train-examples', type=positive_int, help='use only the first N training images')
+    io.add_argument('--eval-examples', type=positive_int, help='use only the first N test images')
+
+    m = p.add_argument_group('method (defaults: METHOD.md)')
+    m.add_argument('--method', choices=list(STEPS), default='mixkl',
+                   help='fgsm_rs: FGSM with uniform random start (Wong et al. 2020), no teacher')
+    m.add_argument('--epochs', type=positive_int, default=110)
+    m.add_argument('--batch-size', type=positive_int, default=128)
+    m.add_argument('--lr-schedule', choices=['multistep', 'cyclic'], default='multistep')
+    m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
+    m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
+    m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
+    m.add_argument('--epsilon', type=nonnegative, default=8.0, help='L-inf radius, in /255')
+    m.add_argument('--alpha', type=nonnegative, default=None,
+                   help='FGSM step, in /255 (default 8 for mixkl, 10 for fgsm_rs)')
+    m.add_argument('--delta-init', choices=['random', 'zero'], default='random',
+                   help='zero: start the FGSM step at the mixed image itself')
+    m.add_argument('--mixup-alpha', type=nonnegative, default=0.4, help='0 turns mixup off')
+    m.add_argument('--lamda', type=nonnegative, default=12.0,
+                   help='weight of the consistency term (0 turns it off)')
+    m.add_argument('--tau0', type=number_in_range(float, 0, low_open=True), default=2.0)
+    m.add_argument('--gamma', type=number_in_range(float, 0, low_open=True), default=0.99,
+                   help='temperature decay per epoch')
+    m.add_argument('--tau-schedule', choices=['geometric', 'constant'], default='geometric')
+    m.add_argument('--lambda-kl-base', type=nonnegative, default=1.0,
+                   help='weight of the KL term at tau0 (0 turns it off)')
+    m.add_argument('--ema-value', type=number_in_range(float, 0, 1, low_open=True), default=0.82,
+                   help='teacher update when adv/clean accuracy of the batch is below this')
+
+    e = p.add_argument_group('per-epoch evaluation')
+    e.add_argument('--pgd-iters', type=positive_int, default=10)
+    e.add_argument('--pgd-alpha', type=nonnegative, default=2.0, help='PGD step, in /255')
+    e.add_argument('--eval-batch-size', type=positive_int, default=512)
+    e.add_argument('--alarm-examples', type=positive_int, default=512,
+                   help='training images watched for catastrophic overfitting')
+
+    r = p.add_argument_group('machine')
+    r.add_argument('--seed', type=int, default=0)
+    r.add_argument('--width', type=positive_int, default=64, help='PreActResNet-18 base width')
+    r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
+    r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='bf16 autocast in the training forwards; evaluation stays fp32 '
+                        '(default: on for CUDA, off on CPU, where it is fast only with '
+                        'AVX512-BF16 or AMX)')
+    r.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                   help='keep the models in the channels_last memory format '
+                        '(default: on for CUDA, off on CPU)')
+    r.add_argument('--sync-bn', action='store_true',
+                   help='under torchrun: batch-norm statistics over the global batch '
+                        '(SyncBatchNorm, CUDA only) instead of per process')
+    return p
+
+
+def parse_args(dataset, argv=None):
+    parser = build_parser(dataset)
+    args = parser.parse_args(argv)
+    if args.alpha is None and not args.resume:  # a resumed run keeps its own step size
+        args.alpha = DEFAULT_ALPHA[args.method]
+    try:
+        torch.device(args.device or 'cpu')
+    except RuntimeError as e:
+        parser.error(f'--device: {e}')
+    args.dataset = dataset
+    return args, parser
+
+
+def hyperparameters(args):
+    """The step's settings from the flags, in final units: the one place where /255 is applied."""
+    return Hyperparameters(
+        num_classes=DATASETS[args.dataset]['num_classes'],
+        epsilon=args.epsilon / 255, alpha=args.alpha / 255,
+        mixup_alpha=args.mixup_alpha, delta_init=args.delta_init, lamda=args.lamda,
+        tau0=args.tau0, gamma=args.gamma, tau_schedule=args.tau_schedule,
+        lambda_kl_base=args.lambda_kl_base, ema_value=args.ema_value, amp=args.amp)
+
+
+# ---------------------------------------------------------------------------
+# Catastrophic overfitting alarm
+
+def overfitting_alarm(fgsm_accs, pgd_accs):
+    """True when PGD accuracy fell below half its best while FGSM accuracy did not."""
+    if not pgd_accs or max(pgd_accs) <= 0:
+        return False
+    return pgd_accs[-1] < 0.5 * max(pgd_accs) and fgsm_accs[-1] >= 0.5 * max(fgsm_accs)
+
+
+# ---------------------------------------------------------------------------
+# Resumable state
+
+CHECKPOINT_FORMAT = 'mixkl-resumable-1'
+METRIC_FIELDS = ['epoch', 'seconds', 'eval_seconds', 'lr', 'train_loss', 'train_acc', 'tau',
+                 'kl_weight', 'teacher_updates', 'test_clean_acc', 'test_pgd_acc',
+                 'alarm_fgsm_acc', 'alarm_pgd_acc']
+
+
+def rng_state():
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)],
+            'python': random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state['python'])
+
+
+def read_resume_checkpoint(args, parser):
+    """Load the checkpoint named by --resume and merge the run's flags into ``args``."""
+    path = args.resume
+    if os.path.isdir(path):
+        path = os.path.join(path, 'checkpoint.pth')
+    if not os.path.isfile(path):
+        raise InputError(f'--resume {args.resume}: no resumable checkpoint at {path}')
+    checkpoint = safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get('format') != CHECKPOINT_FORMAT:
+        raise InputError(f'--resume {path}: not a resumable checkpoint of this project')
+    saved = checkpoint['args']
+    if saved['dataset'] != args.dataset:
+        script = 'MIX_KL_CIFAR10.py' if saved['dataset'] == 'cifar10' else 'MIX_KL_CIFAR100.py'
+        raise InputError(f'--resume {path}: that is a {DATASETS[saved["dataset"]]["name"]} run; '
+                         f'resume it with {script}')
+    merged = dict(saved)
+    for key, value in vars(args).items():
+        default = parser.get_default(key)
+        if key in ('device', 'resume'):
+            merged[key] = value
+        elif key in RESUME_MAY_CHANGE:
+            merged[key] = saved[key] if value == default else value
+        elif value != default and value != saved.get(key):
+            flag = '--' + key.replace('_', '-')
+            raise InputError(f'--resume {path}: the run was trained with {flag} {saved.get(key)}, '
+                             f'not {value}')
+    return argparse.Namespace(**merged), checkpoint, os.path.dirname(os.path.abspath(path))
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a request to stop at the next step boundary.
+
+    A second signal stops at once (KeyboardInterrupt), without a checkpoint.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
+              '(signal again to quit without one)', file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+class Trainer:
+    """One training run: data, models, optimiser, run directory, the epoch loop."""
+
+    def __init__(self, args, parser, dist=None):
+        # Under torchrun ``dist`` is this process's Distributed (ddp.py); without
+        # it everything below is the single-process run.
+        self.dist = dist if dist is not None else Distributed()
+        checkpoint = None
+        if args.resume:
+            args, checkpoint, self.run_dir = read_resume_checkpoint(args, parser)
+            check_world_size(checkpoint, self.run_dir, self.dist.world_size)
+        self.args = args
+        self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
+        if self.device.type == 'cuda':
+            enable_fast_cuda()
+        if args.amp is None:
+            args.amp = amp_default(self.device)
+        if args.channels_last is None:
+            args.channels_last = amp_default(self.device)
+        self.hp = hyperparameters(args)
+        self.pgd_alpha = args.pgd_alpha / 255  # the per-epoch evaluation's PGD step
+        if args.sync_bn and not self.dist.enabled:
+            raise InputError('--sync-bn synchronises BatchNorm across torchrun processes; '
+                             'this run has one process')
+        if args.sync_bn and self.device.type != 'cuda':
+            raise InputError('--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)')
+        check_writable(args.out_dir if checkpoint is None else self.run_dir)
+        # Rank r draws its own mixup and random starts: seed + r (rank 0: the single-process seed).
+        seed_everything(args.seed + self.dist.rank)
+        self._load_data()
+        if checkpoint is None:
+            self.run_dir = self.dist.broadcast_object(new_run_dir(args) if self.dist.is_main
+                                                      else None)
+        self._build_models()
+        self.epoch, self.step, self.stats = 0, 0, new_epoch_stats()
+        self.history, self.best_pgd = [], -1.0
+        self._stop_agreed = False  # under torchrun: a stop requested on any rank (see _record)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.dist.is_main:
+            atomic_write_text(self.path('config.json'), json.dumps(self.config(), indent=2))
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def log(self, message):
+        if not self.dist.is_main:
+            return
+        print(message, flush=True)
+        with open(self.path('train.log'), 'a') as f:
+            f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
+
+    def config(self):
+        return {**vars(self.args), 'device_used': str(self.device), 'torch': torch.__version__,
+                'world_size': self.dist.world_size,
+                'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+
+    def _load_data(self):
+        a = self.args
+        # Under torchrun rank 0 reads (and, if need be, downloads) the data first, alone.
+        if not self.dist.is_main:
+            self.dist.barrier()
+        quiet = not self.dist.is_main
+        x_train, y_train = load_cifar(a.dataset, a.data_dir, train=True, quiet=quiet)
+        x_test, y_test = load_cifar(a.dataset, a.data_dir, train=False, quiet=quiet)
+        if self.dist.is_main:
+            self.dist.barrier()
+        x_train, y_train = x_train[:a.train_examples], y_train[:a.train_examples]
+        x_test, y_test = x_test[:a.eval_examples], y_test[:a.eval_examples]
+        self.train_loader = CifarLoader(x_train, y_train, a.batch_size, self.device, train=True,
+                                        seed=a.seed, rank=self.dist.rank,
+                                        world_size=self.dist.world_size)
+        check_shares(len(y_train), a.batch_size, self.dist.world_size)
+        self.test_loader = CifarLoader(x_test, y_test, a.eval_batch_size, self.device, train=False)
+        n = a.alarm_examples
+        self.alarm_batch = (x_train[:n].to(self.device).float() / 255, y_train[:n].to(self.device))
+
+    def _build_models(self):
+        a = self.args
+        self.student = build_model(self.hp.num_classes, a.width, self.device, a.channels_last)
+        # Under torchrun every rank starts from rank 0's initialisation (the single-process one).
+        self.dist.broadcast_(list(self.student.state_dict().values()))
+        self.teacher = None
+        if a.method == 'mixkl':
+            self.teacher = (SyncedTeacher(self.student, self.hp.ema_value, self.dist)
+                            if self.dist.enabled else ConditionalEMA(self.student, self.hp.ema_value))
+        # What the step trains: under torchrun the DDP-wrapped student (gradients averaged).
+        self.trained = self.student
+        if self.dist.enabled:
+            if a.sync_bn:
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.trained = wrap_ddp(self.student, self.device)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=a.lr_max,
+                                         momentum=a.momentum, weight_decay=a.weight_decay)
+        total = a.epochs * len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, total, a.lr_schedule))
+
+    @property
+    def eval_model(self):
+        """The model evaluated and saved: the teacher for MIX-KL, else the student."""
+        return self.teacher.model if self.teacher is not None else self.student
+
+    # -- the loop ----------------------------------------------------------
+
+    def fit(self):
+        a = self.args
+        self.log(f'run directory: {self.run_dir}')
+        self.log(f'{a.method} on {a.dataset}: {len(self.train_loader.labels)} training images, '
+                 f'{len(self.test_loader.labels)} test images, device {self.device}, '
+                 f'epochs {self.epoch + 1}..{a.epochs}')
+        with StopSignal() as stop:
+            for epoch in range(self.epoch, a.epochs):
+                if not self.train_epoch(epoch, stop):
+                    self.save_checkpoint()
+                    script = os.path.basename(sys.argv[0]) or 'the training script'
+                    launcher = (f'torchrun --nproc_per_node={self.dist.world_size}'
+                                if self.dist.enabled else 'python')
+                    self.log(f'stopped at epoch {epoch + 1}, step {self.step}; checkpoint saved. '
+                             f'Resume with: {launcher} {script} --resume {self.run_dir}')
+                    # Exit together: torchrun stops the others when one process exits non-zero.
+                    self.dist.barrier()
+                    # Under torchrun a rank that got no signal stops because another did.
+                    return 128 + (stop.signum or signal.SIGTERM)
+                self.end_epoch(epoch)
+        if self.dist.is_main:
+            atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
+            plots.plot_curves(self.history, self.path('curves.png'))
+        # Leave together: a rank that tears down its process group while rank 0 is still
+        # writing can abort gloo's connection threads.
+        self.dist.barrier()
+        if self.dist.enabled:
+            models = 'the student and the teacher were' if self.teacher is not None \
+                else 'the student was'
+            self.log(f'{models} bitwise identical on all {self.dist.world_size} processes '
+                     'after every epoch')
+        self.log(f'done: best test PGD accuracy {self.best_pgd:.4f}; '
+                 f'best_model.pth and final_model.pth in {self.run_dir}')
+        return 0
+
+    def train_epoch(self, epoch, stop):
+        """Train from self.step to the end of the epoch; False if a stop was requested."""
+        step = STEPS[self.args.method]
+        self.student.train()
+        start = time.time()
+        batches = tqdm(self.train_loader.batches(epoch, self.step), total=len(self.train_loader),
+                       initial=self.step, desc=f'epoch {epoch + 1}/{self.args.epochs}',
+                       leave=False, disable=not self.dist.is_main)
+        for x, y in batches:
+            # Under torchrun only the stop agreed by all ranks counts (same step everywhere).
+            if (self._stop_agreed if self.dist.enabled else stop.signum is not None):
+                self.stats['seconds'] += time.time() - start
+                return False
+            result = step(self.trained, self.teacher, self.optimizer, x, y, self.hp, epoch)
+            self.scheduler.step()
+            self._record(epoch, result, stop)
+            batches.set_postfix(loss=f'{self.stats["loss"] / self.stats["n"]:.3f}')
+        self.stats['seconds'] += time.time() - start
+        return True
+
+    def _record(self, epoch, result, stop):
+        """Check the step's loss and add it to the epoch's statistics.
+
+        Under torchrun the numbers are summed over the ranks first (one
+        all-reduce), and the ranks agree on a stop requested on any of them.
+        """
+        loss, correct, n = result.loss, result.correct, result.n
+        if self.dist.enabled:
+            stopping = stop.signum is not None
+            loss_sum, correct, n, stops = self.dist.all_sum(
+                torch.tensor([loss * n, correct, n, stopping], dtype=torch.float64)).tolist()
+            loss, n, self._stop_agreed = loss_sum / n, int(n), stops > 0
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f'non-finite loss ({loss}) at epoch {epoch + 1}, '
+                                f'step {self.step + 1}')
+        self.stats['teacher_updates'] += result.teacher_updated
+        self.stats['loss'] += loss * n
+        self.stats['correct'] += correct
+        self.stats['n'] += n
+        self.step += 1
+
+    def end_epoch(self, epoch):
+        """Evaluate, record the epoch, save best model, checkpoint and metrics."""
+        a = self.args
+        start = time.time()
+        # Under torchrun: rank 0's BN statistics everywhere (ddp.SyncedTeacher says why).
+        self.dist.broadcast_(list(self.student.buffers()))
+        # Under torchrun the ranks split the test batches and sum the counts; the
+        # attacks' random starts then come from (seed, epoch, batch), not the ranks' RNGs.
+        with cudnn_autotuning(False):  # PGD's batches shrink as it breaks examples
+            clean, pgd = evaluate_robustness(
+                self.eval_model, self.test_loader.batches(), self.hp.epsilon, self.pgd_alpha,
+                a.pgd_iters, dist=self.dist,
+                seed=a.seed * 100003 + epoch if self.dist.enabled else None)
+            alarm_fgsm, alarm_pgd = self._alarm_accuracies()
+        self._check_replicas(epoch)
+        tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
+        row = dict(epoch=epoch + 1, seconds=round(self.stats['seconds'], 2),
+                   eval_seconds=round(time.time() - start, 2),
+                   lr=self.optimizer.param_groups[0]['lr'],
+                   train_loss=self.stats['loss'] / self.stats['n'],
+                   train_acc=self.stats['correct'] / self.stats['n'],
+                   tau=tau, kl_weight=kl_weight(tau, a.tau0, a.lambda_kl_base),
+                   teacher_updates=self.stats['teacher_updates'],
+                   test_clean_acc=clean, test_pgd_acc=pgd,
+                   alarm_fgsm_acc=alarm_fgsm, alarm_pgd_acc=alarm_pgd)
+        self.history.append(row)
+        if pgd > self.best_pgd:
+            self.best_pgd = pgd
+            if self.dist.is_main:
+                atomic_save(self.eval_model.state_dict(), self.path('best_model.pth'))
+        self.epoch, self.step, self.stats = epoch + 1, 0, new_epoch_stats()
+        self.save_checkpoint()
+        if self.dist.is_main:
+            write_metrics(self.path('metrics.csv'), self.history)
+        self.log(f'epoch {epoch + 1}/{a.epochs}  {row["seconds"]:.1f}s+{row["eval_seconds"]:.1f}s  '
+                 f'lr {row["lr"]:.4g}  loss {row["train_loss"]:.4f}  train acc {row["train_acc"]:.4f}  '
+                 f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
+                 f'test clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
+        if overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
+                             [r['alarm_pgd_acc'] for r in self.history]):
+            self.log(f'WARNING: catastrophic overfitting? On {len(self.alarm_batch[1])} training '
+                     f'images PGD accuracy fell to {alarm_pgd:.4f} (best '
+                     f'{max(r["alarm_pgd_acc"] for r in self.history):.4f}) while FGSM accuracy '
+                     f'is {alarm_fgsm:.4f}')
+
+    def _alarm_accuracies(self):
+        """FGSM and PGD accuracy of the student on a fixed batch of training images.
+
+        Under torchrun each rank takes a contiguous part of the batch and the counts are summed.
+        """
+        x, y = self.alarm_batch
+        eps = self.hp.epsilon
+        if self.dist.enabled:
+            part = torch.arange(len(y), device=y.device).tensor_split(self.dist.world_size)
+            x, y = x[part[self.dist.rank]], y[part[self.dist.rank]]
+        fgsm = pgd = 0
+        if len(y):
+            fgsm, _ = evaluate_batches(self.student, [(x, y)],
+                                       lambda m, X, Y: attack_fgsm(m, X, Y, eps))
+            pgd, _ = evaluate_batches(self.student, [(x, y)],
+                                      pgd_attack(eps, self.pgd_alpha, self.args.pgd_iters, 1))
+        fgsm, pgd, n = self.dist.all_sum([fgsm, pgd, len(y)])
+        self.student.train()
+        return fgsm / n, pgd / n
+
+    def _check_replicas(self, epoch):
+        """Under torchrun: fail loudly unless the student and teacher are bitwise equal on all ranks."""
+        if not self.dist.enabled:
+            return
+        for name, model in (('student', self.student),
+                            ('teacher', self.teacher.model if self.teacher is not None else None)):
+            if model is not None and not self.dist.identical(list(model.state_dict().values())):
+                raise RuntimeError(f'after epoch {epoch + 1} the {name} differs between the '
+                                   f'{self.dist.world_size} processes; this is a bug')
+
+    # -- checkpoints -------------------------------------------------------
+
+    def save_checkpoint(self):
+        """Rank 0 writes; under torchrun it holds every rank's RNG states (gathered here)."""
+        states = self.dist.gather_objects(rng_state())
+        if not self.dist.is_main:
+            return
+        checkpoint = {
+            'format': CHECKPOINT_FORMAT, 'args': vars(self.args),
+            'student': self.student.state_dict(),
+            'teacher': self.teacher.model.state_dict() if self.teacher is not None else None,
+            'teacher_updates': self.teacher.updates if self.teacher is not None else 0,
+            'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+            'epoch': self.epoch, 'step': self.step, 'stats': self.stats,
+            'best_pgd': self.best_pgd, 'history': self.history, 'rng': states[0],
+        }
+        if self.dist.enabled:
+            checkpoint.update(world_size=self.dist.world_size, rng_per_rank=states)
+        atomic_save(checkpoint, self.path('checkpoint.pth'))
+
+    def _restore(self, checkpoint):
+        self.student.load_state_dict(checkpoint['student'])
+        if self.teacher is not None:
+            self.teacher.model.load_state_dict(checkpoint['teacher'])
+            self.teacher.updates = checkpoint['teacher_updates']
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self.scheduler.load_state_dict(checkpoint['scheduler'])
+        self.epoch, self.step = checkpoint['epoch'], checkpoint['step']
+        self.stats, self.best_pgd = checkpoint['stats'], checkpoint['best_pgd']
+        self.history = checkpoint['history']
+        set_rng_state(checkpoint['rng_per_rank'][self.dist.rank] if self.dist.enabled
+                      else checkpoint['rng'])
+        self.log(f'resumed from {self.path("checkpoint.pth")} at epoch {self.epoch + 1}, '
+                 f'step {self.step}')
+
+
+def new_epoch_stats():
+    return {'loss': 0.0, 'correct': 0.0, 'n': 0, 'teacher_updates': 0, 'seconds': 0.0}
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_writable(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise InputError(f'cannot write to {directory}: {e.strerror or e}')
+
+
+def new_run_dir(args):
+    base = os.path.join(args.out_dir, f'{args.dataset}-{args.method}-seed{args.seed}-'
+                                      f'{time.strftime("%Y%m%d-%H%M%S")}')
+    run_dir, n = base, 1
+    while os.path.exists(run_dir):
+        run_dir, n = f'{base}-{n}', n + 1
+    os.makedirs(run_dir)
+    return os.path.abspath(run_dir)
+
+
+def check_world_size(checkpoint, run_dir, world_size):
+    """A run resumes with as many processes as it was trained with (1 without torchrun)."""
+    saved = checkpoint.get('world_size', 1)
+    if saved != world_size:
+        def launch(n):
+            return f'torchrun --nproc_per_node={n} (or nodes x processes = {n})' if n > 1 \
+                else 'python, without torchrun'
+        raise InputError(f'--resume {run_dir}: the run was trained by {saved} process(es) and '
+                         f'must be resumed by as many ({launch(saved)}), not {world_size}: '
+                         'each process\'s share of the batches and its random state are part '
+                         'of the checkpoint')
+
+
+def check_shares(n, batch_size, world_size):
+    """Under torchrun every rank needs at least one image of every batch, the last one too."""
+    smallest = n % batch_size or batch_size
+    if world_size > 1 and smallest < world_size:
+        raise InputError(f'a batch of {smallest} training image(s) cannot be shared by '
+                         f'{world_size} processes; change --batch-size or --train-examples')
+
+
+def build_model(num_classes, width, device, channels_last):
+    """PreActResNet-18 on ``device``; channels_last: the memory format convolutions run fastest in on CUDA."""
+    model = PreActResNet18(num_classes, width).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def write_metrics(path, rows):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
+
+
+def main(dataset, argv=None):
+    """Train; under torchrun (WORLD_SIZE > 1) as one process of the group."""
+    args, parser = parse_args(dataset, argv)
+    dist = None
+    try:
+        dist = Distributed.from_env(args.device)
+        trainer = Trainer(args, parser, dist)
+        code = trainer.fit()
+    except InputError as e:
+        rank = os.environ.get('RANK') if int(os.environ.get('WORLD_SIZE', '1')) > 1 else None
+        print(f'{f"[rank {rank}] " if rank is not None else ""}error: {e}', file=sys.stderr)
+        code = 2
+    except NonFiniteLoss as e:
+        trainer.log(f'error: {e}; stopping. The last good checkpoint is kept in {trainer.run_dir}')
+        code = 1
+    finally:
+        if dist is not None:
+            dist.close()
+    sys.exit(code)
