@@ -41,7 +41,8 @@ from torchvision import transforms
 
 import mixkl
 import training
-from cli import HelpFormatter, amp_default, enable_fast_cuda, positive_int, resolve_device
+from cli import (HelpFormatter, cuda_default, enable_fast_cuda, number_in_range, positive_int,
+                 resolve_device, seed_int)
 from synthetic import write_synthetic_cifar
 from utils import (DATASETS, CifarLoader, InputError, clamp, cudnn_autotuning, evaluate_batches,
                    load_cifar, pgd_attack)
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=HelpFormatter)
     p.add_argument('--steps', type=positive_int, default=50, help='timed steps per path')
-    p.add_argument('--warmup', type=int, default=5, help='untimed steps before the timed ones')
+    p.add_argument('--warmup', type=number_in_range(int, 0), default=5, help='untimed steps before the timed ones')
     p.add_argument('--batch-size', type=positive_int, default=128)
     p.add_argument('--eval-images', type=positive_int, default=1024,
                    help='test images attacked with PGD-10')
@@ -67,15 +68,12 @@ def parse_args(argv=None):
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help="the project path's bf16 autocast (default: as training, on for CUDA, "
                         'off on CPU)')
-    p.add_argument('--workers', type=int, default=2,
+    p.add_argument('--workers', type=number_in_range(int, 0), default=2,
                    help="reference path's DataLoader workers (the fast-AT scripts use 2)")
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=seed_int, default=0)
     p.add_argument('--check', action='store_true',
                    help='run bf16_check.py instead, with the other flags given (see its --help)')
-    args = p.parse_args(argv)
-    if args.warmup < 0 or args.workers < 0:
-        p.error('--warmup and --workers must be >= 0')
-    return args
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +320,7 @@ def pgd_eval_rate(args, root, device):
     x = x.to(device).float() / 255
     training.seed_everything(args.seed)
     model = PinnedPrediction(training.build_model(  # as the trainer builds it
-        DATASETS[args.dataset]['num_classes'], args.width, device, amp_default(device)))
+        DATASETS[args.dataset]['num_classes'], args.width, device, cuda_default(device)))
     batches = [(X, torch.zeros(len(X), dtype=torch.long, device=device))
                for X in x.split(args.eval_batch_size)]
     attack = pgd_attack(PGD_EPSILON, PGD_ALPHA, PGD_ITERS, 1)
@@ -411,7 +409,7 @@ def main(argv=None):
     except InputError as e:
         sys.exit(f'error: {e}')
     if args.amp is None:
-        args.amp = amp_default(device)
+        args.amp = cuda_default(device)
     print_header(shlex.join(['benchmark.py', *argv]), device)
     with tempfile.TemporaryDirectory(prefix='mixkl-benchmark-') as root:
         run_benchmark(args, device, root)

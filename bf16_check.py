@@ -22,7 +22,7 @@ import time
 
 import training
 from benchmark import print_header
-from cli import HelpFormatter, number_in_range, positive_int, resolve_device
+from cli import HelpFormatter, number_in_range, positive_int, resolve_device, seed_int
 from synthetic import write_synthetic_cifar
 from utils import DATASETS, InputError, evaluate_robustness
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
     p.add_argument('--seeds', '--check-seeds', type=positive_int, default=3,
                    help='seeds --seed, --seed + 1, ...: their spread is the noise to compare with')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=seed_int, default=0)
     p.add_argument('--epochs', '--check-epochs', type=positive_int, default=8)
     p.add_argument('--lr-max', '--check-lr-max', type=number_in_range(float, 0, low_open=True),
                    default=0.02,

@@ -4,6 +4,7 @@ The training, evaluation and benchmark scripts take their flags through these,
 so a bad value is refused the same way everywhere, with a one-line argparse error.
 """
 import argparse
+import math
 
 import torch
 
@@ -11,12 +12,18 @@ from utils import InputError
 
 
 def number_in_range(kind, low=None, high=None, low_open=False):
-    """An argparse type: ``kind`` (int or float) within [low, high] ((low, high] if low_open)."""
+    """An argparse type: ``kind`` (int or float) within [low, high] ((low, high] if low_open).
+
+    NaN and +-inf are refused whatever the range: no flag means anything with them.
+    """
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a {kind.__name__}')
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an" if kind is int else "a"} '
+                                             f'{kind.__name__}')
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
         if low is not None and (value < low or (low_open and value == low)):
             raise argparse.ArgumentTypeError(f'{value} must be {">" if low_open else ">="} {low}')
         if high is not None and value > high:
@@ -27,6 +34,8 @@ def number_in_range(kind, low=None, high=None, low_open=False):
 
 positive_int = number_in_range(int, 1)
 nonnegative = number_in_range(float, 0)
+# Seeds reach numpy's RNG, which takes 0 .. 2^32 - 1; the trainer adds the rank and epochs.
+seed_int = number_in_range(int, 0, 2 ** 31 - 1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,7 +52,7 @@ def resolve_device(name):
     return device
 
 
-def amp_default(device):
+def cuda_default(device):
     """--amp and --channels-last when not given: on for CUDA, off on CPU.
 
     ``device`` is a torch.device or its text (config.json's device_used).

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from preactresnet import PreActResNet18
-from cli import HelpFormatter, nonnegative, positive_int, resolve_device
+from cli import HelpFormatter, nonnegative, positive_int, resolve_device, seed_int
 from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches, load_cifar,
                    load_model_weights, pgd_attack, sha256_file)
 
@@ -57,7 +57,7 @@ def build_parser(dataset):
     p.add_argument('--attacks', type=attack_list, default=list(ATTACKS),
                    help=f'comma list from {",".join(ATTACKS)}')
     p.add_argument('--restarts', type=positive_int, default=1, help='for PGD and C&W')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=seed_int, default=0)
     p.add_argument('--device', help='cuda, cpu ... (default: cuda when present)')
     return p
 

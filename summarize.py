@@ -16,7 +16,7 @@ import os
 import sys
 
 import training
-from cli import amp_default
+from cli import cuda_default
 from utils import DATASETS, InputError, sha256_file
 
 # Where files are, not how the model was trained; the method has its own column.
@@ -127,7 +127,7 @@ def changed_flags(config):
             continue
         # --alpha, --amp and --channels-last have no default of their own: they follow the
         # method, the device.
-        on_cuda = amp_default(config.get('device_used'))
+        on_cuda = cuda_default(config.get('device_used'))
         own_defaults = {'alpha': training.DEFAULT_ALPHA.get(method), 'amp': on_cuda,
                         'channels_last': on_cuda}
         default = own_defaults.get(key, action.default)

@@ -24,8 +24,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import plots
-from cli import (HelpFormatter, amp_default, enable_fast_cuda, nonnegative, number_in_range,
-                 positive_int, resolve_device)
+from cli import (HelpFormatter, cuda_default, enable_fast_cuda, nonnegative, number_in_range,
+                 positive_int, resolve_device, seed_int)
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, temperature
 from preactresnet import PreActResNet18
@@ -90,7 +90,7 @@ def build_parser(dataset):
                    help='training images watched for catastrophic overfitting')
 
     r = p.add_argument_group('machine')
-    r.add_argument('--seed', type=int, default=0)
+    r.add_argument('--seed', type=seed_int, default=0)
     r.add_argument('--width', type=positive_int, default=64, help='PreActResNet-18 base width')
     r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
     r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
@@ -245,9 +245,9 @@ class Trainer:
         if self.device.type == 'cuda':
             enable_fast_cuda()
         if args.amp is None:
-            args.amp = amp_default(self.device)
+            args.amp = cuda_default(self.device)
         if args.channels_last is None:
-            args.channels_last = amp_default(self.device)
+            args.channels_last = cuda_default(self.device)
         self.hp = hyperparameters(args)
         self.pgd_alpha = args.pgd_alpha / 255  # the per-epoch evaluation's PGD step
         if args.sync_bn and not self.dist.enabled:

@@ -238,7 +238,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     (['--ema-value', '0'], 'argument --ema-value: 0.0 must be > 0'),
     (['--ema-value', '1.5'], 'argument --ema-value: 1.5 must be <= 1'),
     (['--lr-schedule', 'cosine'], "argument --lr-schedule: invalid choice: 'cosine'"),
-    (['--epochs', 'ten'], "argument --epochs: 'ten' is not a int"),
+    (['--epochs', 'ten'], "argument --epochs: 'ten' is not an int"),
 ])
 def test_nonsense_flags_are_argument_errors(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
