@@ -34,6 +34,8 @@ def number_in_range(kind, low=None, high=None, low_open=False):
 
 positive_int = number_in_range(int, 1)
 nonnegative = number_in_range(float, 0)
+# Radii and step sizes, in /255 of the [0, 1] pixel range.
+pixel_units = number_in_range(float, 0, 255)
 # Seeds reach numpy's RNG, which takes 0 .. 2^32 - 1; the trainer adds the rank and epochs.
 seed_int = number_in_range(int, 0, 2 ** 31 - 1)
 

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from preactresnet import PreActResNet18
-from cli import HelpFormatter, nonnegative, positive_int, resolve_device, seed_int
+from cli import HelpFormatter, pixel_units, positive_int, resolve_device, seed_int
 from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches, load_cifar,
                    load_model_weights, pgd_attack, sha256_file)
 
@@ -47,8 +47,8 @@ def build_parser(dataset):
     p.add_argument('--out_dir', '--out-dir', default='./output/',
                    help='results.json and the AutoAttack logs go here')
     p.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data')
-    p.add_argument('--epsilon', type=nonnegative, default=8.0, help='L-inf radius, in /255')
-    p.add_argument('--alpha', type=nonnegative, default=2.0, help='PGD and C&W step, in /255')
+    p.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
+    p.add_argument('--alpha', type=pixel_units, default=2.0, help='PGD and C&W step, in /255')
     p.add_argument('--n_ex', '--n-ex', type=positive_int, default=10000,
                    help='evaluate the first N test images')
     p.add_argument('--batch_size', '--batch-size', type=positive_int, default=500)

@@ -7,13 +7,18 @@ teacher, writes the metrics and a resumable checkpoint. Under torchrun, ddp.py
 wraps the student and the teacher; the step is the same.
 """
 import argparse
+import contextlib
 import csv
+import fcntl
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +30,7 @@ from tqdm import tqdm
 
 import plots
 from cli import (HelpFormatter, cuda_default, enable_fast_cuda, nonnegative, number_in_range,
-                 positive_int, resolve_device, seed_int)
+                 pixel_units, positive_int, resolve_device, seed_int)
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, temperature
 from preactresnet import PreActResNet18
@@ -65,8 +70,8 @@ def build_parser(dataset):
     m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
     m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
     m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
-    m.add_argument('--epsilon', type=nonnegative, default=8.0, help='L-inf radius, in /255')
-    m.add_argument('--alpha', type=nonnegative, default=None,
+    m.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
+    m.add_argument('--alpha', type=pixel_units, default=None,
                    help='FGSM step, in /255 (default 8 for mixkl, 10 for fgsm_rs)')
     m.add_argument('--delta-init', choices=['random', 'zero'], default='random',
                    help='zero: start the FGSM step at the mixed image itself')
@@ -74,7 +79,7 @@ def build_parser(dataset):
     m.add_argument('--lamda', type=nonnegative, default=12.0,
                    help='weight of the consistency term (0 turns it off)')
     m.add_argument('--tau0', type=number_in_range(float, 0, low_open=True), default=2.0)
-    m.add_argument('--gamma', type=number_in_range(float, 0, low_open=True), default=0.99,
+    m.add_argument('--gamma', type=number_in_range(float, 0, 1, low_open=True), default=0.99,
                    help='temperature decay per epoch')
     m.add_argument('--tau-schedule', choices=['geometric', 'constant'], default='geometric')
     m.add_argument('--lambda-kl-base', type=nonnegative, default=1.0,
@@ -84,7 +89,7 @@ def build_parser(dataset):
 
     e = p.add_argument_group('per-epoch evaluation')
     e.add_argument('--pgd-iters', type=positive_int, default=10)
-    e.add_argument('--pgd-alpha', type=nonnegative, default=2.0, help='PGD step, in /255')
+    e.add_argument('--pgd-alpha', type=pixel_units, default=2.0, help='PGD step, in /255')
     e.add_argument('--eval-batch-size', type=positive_int, default=512)
     e.add_argument('--alarm-examples', type=positive_int, default=512,
                    help='training images watched for catastrophic overfitting')
@@ -116,7 +121,16 @@ def parse_args(dataset, argv=None):
     except RuntimeError as e:
         parser.error(f'--device: {e}')
     args.dataset = dataset
+    parser.given_flags = given_flags(dataset, argv)
     return args, parser
+
+
+def given_flags(dataset, argv):
+    """The flags written on the command line (their dests), whether or not equal to the default."""
+    quiet = build_parser(dataset)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
 
 
 def hyperparameters(args):
@@ -181,33 +195,68 @@ def read_resume_checkpoint(args, parser):
         script = 'MIX_KL_CIFAR10.py' if saved['dataset'] == 'cifar10' else 'MIX_KL_CIFAR100.py'
         raise InputError(f'--resume {path}: that is a {DATASETS[saved["dataset"]]["name"]} run; '
                          f'resume it with {script}')
-    merged = dict(saved)
-    for key, value in vars(args).items():
-        default = parser.get_default(key)
-        if key in ('device', 'resume'):
+    merged = dict(saved, device=args.device, resume=args.resume)
+    for key in sorted(parser.given_flags - {'device', 'resume'}):
+        value = getattr(args, key)
+        if key in RESUME_MAY_CHANGE:
             merged[key] = value
-        elif key in RESUME_MAY_CHANGE:
-            merged[key] = saved[key] if value == default else value
-        elif value != default and value != saved.get(key):
+        elif value != saved.get(key):
             flag = '--' + key.replace('_', '-')
             raise InputError(f'--resume {path}: the run was trained with {flag} {saved.get(key)}, '
                              f'not {value}')
     return argparse.Namespace(**merged), checkpoint, os.path.dirname(os.path.abspath(path))
 
 
-class NonFiniteLoss(Exception):
-    pass
+class Diverged(Exception):
+    """The run diverged: a non-finite loss, or a weight that is not finite or beyond WEIGHT_LIMIT."""
+
+
+# A float parameter or buffer (BN statistics too) beyond this in absolute value counts as
+# diverged. Trained CIFAR networks stay many orders of magnitude below it; a run whose
+# weights grow past it (too large a learning rate) is not going to come back.
+WEIGHT_LIMIT = 1e8
+
+
+def weights_diverged(models):
+    """'student conv1.weight' (the first float tensor not finite or beyond WEIGHT_LIMIT), or None.
+
+    One fused max-abs per model; the tensors are named only when one is bad.
+    """
+    for name, model in models.items():
+        state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        largest = torch.stack(torch._foreach_norm(list(state.values()), float('inf'))).max()
+        if not largest <= WEIGHT_LIMIT:  # also NaN
+            bad = next(k for k, v in state.items() if not v.abs().max() <= WEIGHT_LIMIT)
+            return f'{name} {bad}'
+    return None
+
+
+class Interrupted(Exception):
+    """A stop signal during the per-epoch evaluation: it is abandoned, to be run again on resume."""
 
 
 class StopSignal:
     """Turns SIGINT/SIGTERM into a request to stop at the next step boundary.
 
-    A second signal stops at once (KeyboardInterrupt), without a checkpoint.
+    Inside ``interrupting()`` (the per-epoch evaluation, which can take minutes
+    on a CPU) a signal raises Interrupted at once instead. A second signal stops
+    at once (KeyboardInterrupt), without a checkpoint.
     """
 
     def __init__(self):
         self.signum = None
         self._previous = {}
+        self._at_once = False
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        if self.signum is not None:
+            raise Interrupted
+        self._at_once = True
+        try:
+            yield
+        finally:
+            self._at_once = False
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -222,8 +271,11 @@ class StopSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
+        print(f'\n{signal.Signals(signum).name}: saving a checkpoint '
+              f'{"now" if self._at_once else "after this step"} '
               '(signal again to quit without one)', file=sys.stderr, flush=True)
+        if self._at_once:
+            raise Interrupted
 
 
 # ---------------------------------------------------------------------------
@@ -236,10 +288,14 @@ class Trainer:
         # Under torchrun ``dist`` is this process's Distributed (ddp.py); without
         # it everything below is the single-process run.
         self.dist = dist if dist is not None else Distributed()
-        checkpoint = None
+        checkpoint, self._lock = None, None
         if args.resume:
             args, checkpoint, self.run_dir = read_resume_checkpoint(args, parser)
             check_world_size(checkpoint, self.run_dir, self.dist.world_size)
+            if self.dist.is_main:
+                self._lock = lock_run_dir(self.run_dir)
+                remove_leftover_temporaries(self.run_dir)
+            use_threads_of(checkpoint)
         self.args = args
         self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
         if self.device.type == 'cuda':
@@ -259,9 +315,15 @@ class Trainer:
         # Rank r draws its own mixup and random starts: seed + r (rank 0: the single-process seed).
         seed_everything(args.seed + self.dist.rank)
         self._load_data()
+        if checkpoint is not None and checkpoint.get('data_sha256', self.data_sha256) \
+                != self.data_sha256:
+            raise InputError(f'--resume {self.run_dir}: {args.data_dir} holds other data than '
+                             'the run was trained on (the SHA-256 in config.json differs)')
         if checkpoint is None:
             self.run_dir = self.dist.broadcast_object(new_run_dir(args) if self.dist.is_main
                                                       else None)
+            if self.dist.is_main:
+                self._lock = lock_run_dir(self.run_dir)
         self._build_models()
         self.epoch, self.step, self.stats = 0, 0, new_epoch_stats()
         self.history, self.best_pgd = [], -1.0
@@ -270,6 +332,13 @@ class Trainer:
             self._restore(checkpoint)
         elif self.dist.is_main:
             atomic_write_text(self.path('config.json'), json.dumps(self.config(), indent=2))
+
+    def what_is_kept(self):
+        """After a divergence, which files are left, in words: all of them are from before it."""
+        kept = [n for n in ('checkpoint.pth', 'best_model.pth') if os.path.exists(self.path(n))]
+        if not kept:
+            return f'Nothing was saved in {self.run_dir} before it diverged.'
+        return f'Kept in {self.run_dir}, from before it diverged: {", ".join(kept)}.'
 
     def path(self, name):
         return os.path.join(self.run_dir, name)
@@ -283,7 +352,8 @@ class Trainer:
 
     def config(self):
         return {**vars(self.args), 'device_used': str(self.device), 'torch': torch.__version__,
-                'world_size': self.dist.world_size,
+                'world_size': self.dist.world_size, 'threads': torch.get_num_threads(),
+                'data_sha256': self.data_sha256,
                 'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
     def _load_data(self):
@@ -296,6 +366,7 @@ class Trainer:
         x_test, y_test = load_cifar(a.dataset, a.data_dir, train=False, quiet=quiet)
         if self.dist.is_main:
             self.dist.barrier()
+        self.data_sha256 = data_digest(x_train, y_train, x_test, y_test)
         x_train, y_train = x_train[:a.train_examples], y_train[:a.train_examples]
         x_test, y_test = x_test[:a.eval_examples], y_test[:a.eval_examples]
         self.train_loader = CifarLoader(x_train, y_train, a.batch_size, self.device, train=True,
@@ -327,6 +398,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(it, total, a.lr_schedule))
 
+    def models(self):
+        """{'student': ..., 'teacher': ...}: what training changes (the teacher if MIX-KL)."""
+        return {'student': self.student, **({'teacher': self.teacher.model} if self.teacher else {})}
+
     @property
     def eval_model(self):
         """The model evaluated and saved: the teacher for MIX-KL, else the student."""
@@ -342,18 +417,21 @@ class Trainer:
                  f'epochs {self.epoch + 1}..{a.epochs}')
         with StopSignal() as stop:
             for epoch in range(self.epoch, a.epochs):
-                if not self.train_epoch(epoch, stop):
+                if not (self.train_epoch(epoch, stop) and self.end_epoch(epoch, stop)):
                     self.save_checkpoint()
                     script = os.path.basename(sys.argv[0]) or 'the training script'
                     launcher = (f'torchrun --nproc_per_node={self.dist.world_size}'
                                 if self.dist.enabled else 'python')
-                    self.log(f'stopped at epoch {epoch + 1}, step {self.step}; checkpoint saved. '
+                    where = (f'in the evaluation after epoch {epoch + 1} (it runs again on resume)'
+                             if self.step == len(self.train_loader)
+                             else f'at epoch {epoch + 1}, step {self.step}')
+                    self.log(f'stopped {where}; checkpoint saved. '
                              f'Resume with: {launcher} {script} --resume {self.run_dir}')
                     # Exit together: torchrun stops the others when one process exits non-zero.
                     self.dist.barrier()
+                    self.release()
                     # Under torchrun a rank that got no signal stops because another did.
                     return 128 + (stop.signum or signal.SIGTERM)
-                self.end_epoch(epoch)
         if self.dist.is_main:
             atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
             plots.plot_curves(self.history, self.path('curves.png'))
@@ -367,7 +445,14 @@ class Trainer:
                      'after every epoch')
         self.log(f'done: best test PGD accuracy {self.best_pgd:.4f}; '
                  f'best_model.pth and final_model.pth in {self.run_dir}')
+        self.release()
         return 0
+
+    def release(self):
+        """Unlock the run directory (the process's end does it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def train_epoch(self, epoch, stop):
         """Train from self.step to the end of the epoch; False if a stop was requested."""
@@ -401,29 +486,44 @@ class Trainer:
             loss_sum, correct, n, stops = self.dist.all_sum(
                 torch.tensor([loss * n, correct, n, stopping], dtype=torch.float64)).tolist()
             loss, n, self._stop_agreed = loss_sum / n, int(n), stops > 0
+        where = f'epoch {epoch + 1}, step {self.step + 1}'
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f'non-finite loss ({loss}) at epoch {epoch + 1}, '
-                                f'step {self.step + 1}')
+            raise Diverged(f'non-finite loss ({loss}) at {where}')
+        bad = weights_diverged(self.models())
+        if bad is not None:
+            raise Diverged(f'{bad} is not finite or beyond {WEIGHT_LIMIT:g} after {where}')
         self.stats['teacher_updates'] += result.teacher_updated
         self.stats['loss'] += loss * n
         self.stats['correct'] += correct
         self.stats['n'] += n
         self.step += 1
 
-    def end_epoch(self, epoch):
-        """Evaluate, record the epoch, save best model, checkpoint and metrics."""
+    def end_epoch(self, epoch, stop):
+        """Evaluate, record the epoch, save best model, checkpoint and metrics.
+
+        False if a stop signal interrupted the evaluation: the RNGs are then as
+        training left them, so the checkpoint saved next reruns it on resume.
+        """
         a = self.args
         start = time.time()
         # Under torchrun: rank 0's BN statistics everywhere (ddp.SyncedTeacher says why).
         self.dist.broadcast_(list(self.student.buffers()))
+        before = rng_state()
         # Under torchrun the ranks split the test batches and sum the counts; the
         # attacks' random starts then come from (seed, epoch, batch), not the ranks' RNGs.
-        with cudnn_autotuning(False):  # PGD's batches shrink as it breaks examples
-            clean, pgd = evaluate_robustness(
-                self.eval_model, self.test_loader.batches(), self.hp.epsilon, self.pgd_alpha,
-                a.pgd_iters, dist=self.dist,
-                seed=a.seed * 100003 + epoch if self.dist.enabled else None)
-            alarm_fgsm, alarm_pgd = self._alarm_accuracies()
+        # The ranks' collectives must stay in step, so there the evaluation is not cut short.
+        try:
+            with stop.interrupting() if not self.dist.enabled else contextlib.nullcontext(), \
+                    cudnn_autotuning(False):  # PGD's batches shrink as it breaks examples
+                clean, pgd = evaluate_robustness(
+                    self.eval_model, self.test_loader.batches(), self.hp.epsilon,
+                    self.pgd_alpha, a.pgd_iters, dist=self.dist,
+                    seed=a.seed * 100003 + epoch if self.dist.enabled else None)
+                alarm_fgsm, alarm_pgd = self._alarm_accuracies()
+        except Interrupted:
+            set_rng_state(before)
+            self.student.train()
+            return False
         self._check_replicas(epoch)
         tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
         row = dict(epoch=epoch + 1, seconds=round(self.stats['seconds'], 2),
@@ -454,6 +554,7 @@ class Trainer:
                      f'images PGD accuracy fell to {alarm_pgd:.4f} (best '
                      f'{max(r["alarm_pgd_acc"] for r in self.history):.4f}) while FGSM accuracy '
                      f'is {alarm_fgsm:.4f}')
+        return True
 
     def _alarm_accuracies(self):
         """FGSM and PGD accuracy of the student on a fixed batch of training images.
@@ -500,6 +601,7 @@ class Trainer:
             'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
             'epoch': self.epoch, 'step': self.step, 'stats': self.stats,
             'best_pgd': self.best_pgd, 'history': self.history, 'rng': states[0],
+            'threads': torch.get_num_threads(), 'data_sha256': self.data_sha256,
         }
         if self.dist.enabled:
             checkpoint.update(world_size=self.dist.world_size, rng_per_rank=states)
@@ -541,13 +643,67 @@ def check_writable(directory):
 
 
 def new_run_dir(args):
+    """A new directory in --out_dir, named after the run; race-free under concurrent starts."""
     base = os.path.join(args.out_dir, f'{args.dataset}-{args.method}-seed{args.seed}-'
                                       f'{time.strftime("%Y%m%d-%H%M%S")}')
-    run_dir, n = base, 1
-    while os.path.exists(run_dir):
-        run_dir, n = f'{base}-{n}', n + 1
-    os.makedirs(run_dir)
-    return os.path.abspath(run_dir)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for n in itertools.count():
+        run_dir = f'{base}-{n}' if n else base
+        try:
+            os.mkdir(run_dir)  # fails if another start took the name in between
+            return os.path.abspath(run_dir)
+        except FileExistsError:
+            continue
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on run.lock in the run directory, held while this process trains there.
+
+    flock's lock belongs to the open file: the kernel drops it when the process
+    ends, however it ends, so a killed run leaves no lock that blocks a resume.
+    """
+    f = open(os.path.join(run_dir, 'run.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise InputError(f'{run_dir} is in use: {holder} is training in it; one process '
+                         'at a time (wait for it, or stop it and resume)')
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    return f
+
+
+# The files a run writes atomically: a kill during a write leaves '.NAME.XXXXXXXX' behind.
+RUN_FILES = ('checkpoint.pth', 'best_model.pth', 'final_model.pth', 'metrics.csv',
+             'config.json', 'curves.png')
+
+
+def remove_leftover_temporaries(run_dir):
+    for name in os.listdir(run_dir):
+        if any(name.startswith(f'.{f}.') for f in RUN_FILES):
+            os.unlink(os.path.join(run_dir, name))
+
+
+def use_threads_of(checkpoint):
+    """Resume with the run's CPU thread count: another count sums in another order (other bits)."""
+    threads = checkpoint.get('threads')
+    if threads and threads != torch.get_num_threads():
+        print(f'using {threads} CPU threads, as the run did (not {torch.get_num_threads()}), '
+              'so that it continues bit for bit')
+        torch.set_num_threads(threads)
+
+
+def data_digest(*tensors):
+    """SHA-256 of the data's bytes: a resume must see the images the run was trained on."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_world_size(checkpoint, run_dir, world_size):
@@ -597,8 +753,12 @@ def main(dataset, argv=None):
         rank = os.environ.get('RANK') if int(os.environ.get('WORLD_SIZE', '1')) > 1 else None
         print(f'{f"[rank {rank}] " if rank is not None else ""}error: {e}', file=sys.stderr)
         code = 2
-    except NonFiniteLoss as e:
-        trainer.log(f'error: {e}; stopping. The last good checkpoint is kept in {trainer.run_dir}')
+    except Diverged as e:
+        trainer.log(f'error: the run diverged: {e}. {trainer.what_is_kept()}')
+        code = 1
+    except OSError as e:  # a full disk, a directory removed under the run ...
+        print(f'error: {e.filename + ": " if e.filename else ""}{e.strerror or e}; '
+              'nothing was left half-written', file=sys.stderr)
         code = 1
     finally:
         if dist is not None:

@@ -1,4 +1,6 @@
 """The training scripts end to end: outputs, learning, resuming, signals and bad input."""
+import concurrent.futures
+import errno
 import json
 import os
 import signal
@@ -8,10 +10,11 @@ import pytest
 import torch
 
 import training
-from conftest import load_weights, read_metrics, run_script
+from conftest import load_weights, read_metrics, run_script, same_weights
 from conftest import run_dirs as run_dirs_in
 from preactresnet import PreActResNet18
 from synthetic import write_synthetic_cifar
+from utils import InputError
 
 TINY = ['--train-examples', '256', '--eval-examples', '64', '--batch-size', '64', '--width', '8',
         '--alarm-examples', '32', '--eval-batch-size', '64']
@@ -134,10 +137,11 @@ def test_what_a_gpu_run_does_runs_on_cpu(tmp_path, monkeypatch):
             (phase[0], name, module.training, out.dtype)))
     end_epoch = trainer.end_epoch
 
-    def evaluating(epoch):
+    def evaluating(epoch, stop):
         phase[0] = 'eval'
-        end_epoch(epoch)
+        done = end_epoch(epoch, stop)
         phase[0] = 'train'
+        return done
 
     monkeypatch.setattr(trainer, 'end_epoch', evaluating)
     assert trainer.fit() == 0
@@ -217,18 +221,42 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     assert checkpoint['epoch'] == 0 and 0 <= checkpoint['step'] < 32
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize('lr_max, epoch, kept', [('1000', 1, []),
+                                                  ('300', 2, ['checkpoint.pth', 'best_model.pth'])])
+def test_a_diverged_run_stops_with_status_1_and_saves_no_diverged_weights(tmp_path, lr_max, epoch,
+                                                                          kept):
+    """Diverged: a non-finite loss, or a weight not finite or beyond training.WEIGHT_LIMIT."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=64, n_test=16, seed=5)
-    # The cyclic schedule starts at lr 0: epoch 1 ends with finite losses, then the
-    # huge learning rate makes epoch 2's losses overflow.
-    proc = train('cifar10', tmp_path, '--epochs', '3', '--lr-schedule', 'cyclic', '--lr-max', '1e12',
-                 '--train-examples', '64', '--batch-size', '32', '--width', '8',
-                 '--alarm-examples', '16', '--eval-examples', '16')
-    assert proc.returncode == 1
-    assert 'non-finite loss' in proc.stdout and 'at epoch 2, step' in proc.stdout
+    proc = train('cifar10', tmp_path, '--epochs', '12', '--lr-max', lr_max, '--train-examples', '64',
+                 '--batch-size', '32', '--width', '8', '--alarm-examples', '16',
+                 '--eval-examples', '16')
+    assert proc.returncode == 1, proc.stderr
     run_dir = run_dirs(tmp_path)[0]
-    assert load_weights(os.path.join(run_dir, 'checkpoint.pth'))['epoch'] == 1
-    assert len(read_metrics(run_dir)) == 1
+    message = proc.stdout.strip().splitlines()[-1]
+    assert message.startswith('error: the run diverged: ') and f'epoch {epoch}, step' in message
+    assert sorted(n for n in os.listdir(run_dir) if n.endswith('.pth')) == sorted(kept)
+    if kept:
+        assert message.endswith(f'Kept in {run_dir}, from before it diverged: {", ".join(kept)}.')
+        checkpoint = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
+        assert checkpoint['epoch'] == epoch - 1 and len(read_metrics(run_dir)) == epoch - 1
+        for state in (checkpoint['student'], checkpoint['teacher'],
+                      load_weights(os.path.join(run_dir, 'best_model.pth'))):
+            assert all(v.abs().max() <= training.WEIGHT_LIMIT for v in state.values()
+                       if v.is_floating_point())
+    else:
+        assert message.endswith(f'Nothing was saved in {run_dir} before it diverged.')
+
+
+def test_weights_beyond_the_limit_or_not_finite_are_named():
+    student, teacher = PreActResNet18(10, 4), PreActResNet18(10, 4)
+    assert training.weights_diverged({'student': student, 'teacher': teacher}) is None
+    with torch.no_grad():
+        teacher.layer2[0].bn1.running_var[3] = float('nan')
+    assert training.weights_diverged({'student': student, 'teacher': teacher}) == \
+        'teacher layer2.0.bn1.running_var'
+    with torch.no_grad():
+        student.linear.bias[0] = 2 * training.WEIGHT_LIMIT
+    assert training.weights_diverged({'student': student}) == 'student linear.bias'
 
 
 @pytest.mark.parametrize('flags,message', [
@@ -239,6 +267,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     (['--ema-value', '1.5'], 'argument --ema-value: 1.5 must be <= 1'),
     (['--lr-schedule', 'cosine'], "argument --lr-schedule: invalid choice: 'cosine'"),
     (['--epochs', 'ten'], "argument --epochs: 'ten' is not an int"),
+    (['--momentum', 'nan'], "argument --momentum: 'nan' is not a finite number"),
+    (['--ema-value', 'nan'], "argument --ema-value: 'nan' is not a finite number"),
+    (['--lr-max', 'inf'], "argument --lr-max: 'inf' is not a finite number"),
+    (['--alpha=-inf'], "argument --alpha: '-inf' is not a finite number"),
+    (['--epsilon', '256'], 'argument --epsilon: 256.0 must be <= 255'),
+    (['--pgd-alpha', 'nan'], "argument --pgd-alpha: 'nan' is not a finite number"),
+    (['--tau0', '0'], 'argument --tau0: 0.0 must be > 0'),
+    (['--gamma', '1.5'], 'argument --gamma: 1.5 must be <= 1'),
+    (['--lamda', 'nan'], "argument --lamda: 'nan' is not a finite number"),
+    (['--lambda-kl-base', 'inf'], "argument --lambda-kl-base: 'inf' is not a finite number"),
+    (['--mixup-alpha', '-1'], 'argument --mixup-alpha: -1.0 must be >= 0'),
+    (['--weight-decay', 'nan'], "argument --weight-decay: 'nan' is not a finite number"),
+    (['--seed', '1e20'], "argument --seed: '1e20' is not an int"),
+    (['--seed', str(2 ** 40)], f'argument --seed: {2 ** 40} must be <= {2 ** 31 - 1}'),
+    (['--seed', '-1'], 'argument --seed: -1 must be >= 0'),
 ])
 def test_nonsense_flags_are_argument_errors(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -264,3 +307,126 @@ def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
     (tmp_path / 'a-file').write_text('')
     proc = run_script('cifar10', '--out_dir', 'a-file/runs', '--data-dir', 'data', cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith('error: cannot write to a-file/runs')
+
+
+# ---------------------------------------------------------------------------
+# Runs and resume, in process: the data, the flags, the lock, leftovers, threads, signals
+
+def tiny_args(tmp, *flags, data='data'):
+    return training.parse_args('cifar10', [
+        '--data-dir', str(tmp / data), '--out_dir', str(tmp / 'output'), '--epochs', '2',
+        '--batch-size', '16', '--width', '4', '--alarm-examples', '8', *flags])
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A finished 2-epoch run trained with --lr-max 0.05: its run directory."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-max', '0.05'))
+    assert trainer.fit() == 0
+    return tmp_path, trainer.run_dir
+
+
+def resume(tmp, run_dir, *flags, data='data'):
+    return training.Trainer(*tiny_args(tmp, '--resume', run_dir, *flags, data=data))
+
+
+def test_a_resume_refuses_a_given_flag_that_differs_even_when_it_is_the_default(tiny_run):
+    tmp, run_dir = tiny_run
+    with pytest.raises(InputError, match='the run was trained with --lr-max 0.05, not 0.1'):
+        resume(tmp, run_dir, '--lr-max', '0.1')
+    resume(tmp, run_dir, '--lr-max', '0.05').release()  # the run's own value is fine
+
+
+def test_a_resume_refuses_other_data(tiny_run):
+    tmp, run_dir = tiny_run
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert len(config['data_sha256']) == 64 and config['threads'] == torch.get_num_threads()
+    write_synthetic_cifar(str(tmp / 'other'), 'cifar10', n_train=32, n_test=16, seed=3)
+    with pytest.raises(InputError, match='holds other data than the run was trained on'):
+        resume(tmp, run_dir, data='other')
+
+
+def test_a_run_directory_takes_one_process_and_a_dead_ones_lock_does_not_block(tiny_run):
+    tmp, run_dir = tiny_run
+    trainer = resume(tmp, run_dir)
+    with pytest.raises(InputError, match=f'{run_dir} is in use: process {os.getpid()} on'):
+        resume(tmp, run_dir)
+    trainer.release()
+    # run.lock is still there with the old holder written in it, but nobody holds the lock.
+    assert 'process' in open(os.path.join(run_dir, 'run.lock')).read()
+    resume(tmp, run_dir).release()
+
+
+def test_a_resume_removes_temporary_files_a_kill_left(tiny_run):
+    tmp, run_dir = tiny_run
+    for name in ('.checkpoint.pth.k2j4x9qa', '.metrics.csv.abcdefgh'):
+        open(os.path.join(run_dir, name), 'w').write('half written')
+    open(os.path.join(run_dir, 'notes.txt'), 'w').write('mine')
+    resume(tmp, run_dir).release()
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith('.')) == []
+    assert os.path.exists(os.path.join(run_dir, 'notes.txt'))
+
+
+def test_a_resume_uses_the_thread_count_of_the_run(monkeypatch, capsys):
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, 'set_num_threads', chosen.append)
+    training.use_threads_of({'threads': 1})
+    assert chosen == [1] and 'using 1 CPU threads, as the run did (not 2)' in capsys.readouterr().out
+    training.use_threads_of({'threads': 2})
+    assert chosen == [1]
+
+
+def test_concurrent_starts_get_distinct_run_directories(tmp_path):
+    args = tiny_args(tmp_path)[0]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        made = list(pool.map(lambda _: training.new_run_dir(args), range(60)))
+    assert len(set(made)) == 60 and all(os.path.isdir(d) for d in made)
+
+
+def test_a_signal_during_the_evaluation_stops_it_at_once_and_the_resume_matches(tmp_path,
+                                                                                monkeypatch):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    whole = training.Trainer(*tiny_args(tmp_path))
+    assert whole.fit() == 0
+    evaluate, calls = training.evaluate_robustness, []
+
+    def signalled(*args, **kwargs):  # SIGTERM as the first evaluation starts
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, 'evaluate_robustness', signalled)
+    trainer = training.Trainer(*tiny_args(tmp_path))
+    start = time.time()
+    assert trainer.fit() == 128 + signal.SIGTERM
+    assert time.time() - start < 4, 'stopped within the evaluation, not after it'
+    checkpoint = load_weights(os.path.join(trainer.run_dir, 'checkpoint.pth'))
+    assert (checkpoint['epoch'], checkpoint['step']) == (0, 2), 'epoch 1 trained, not evaluated'
+    assert 'in the evaluation after epoch 1' in open(os.path.join(trainer.run_dir, 'train.log')).read()
+    resumed = resume(tmp_path, trainer.run_dir)
+    assert resumed.fit() == 0
+    assert same_weights(os.path.join(whole.run_dir, 'final_model.pth'),
+                        os.path.join(trainer.run_dir, 'final_model.pth'))
+    assert read_metrics(trainer.run_dir, times=False) == read_metrics(whole.run_dir, times=False)
+
+
+def test_a_full_disk_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+
+    def no_space(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(training, 'atomic_save', no_space)
+    argv = ['--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
+            '--epochs', '1', '--batch-size', '16', '--width', '4', '--alarm-examples', '8']
+    with pytest.raises(SystemExit) as exit_info:
+        training.main('cifar10', argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()  # above it: tqdm's progress bar
+    errors = [line for line in err if 'error' in line]
+    assert errors == [err[-1]] and err[-1].startswith('error: ')
+    assert err[-1].endswith('best_model.pth: No space left on device; nothing was left half-written')
