@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from preactresnet import PreActResNet18
 from cli import HelpFormatter, pixel_units, positive_int, resolve_device, seed_int
-from utils import (DATASETS, InputError, atomic_write_text, evaluate_batches, load_cifar,
-                   load_model_weights, pgd_attack, sha256_file)
+from utils import (DATASETS, InputError, atomic_write_text, check_writable_dir,
+                   create_new_text_file, evaluate_batches, load_cifar, load_model_weights,
+                   pgd_attack, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
 ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('ce', 50),
@@ -45,7 +46,8 @@ def build_parser(dataset):
                    help='checkpoint file(s); a run directory means its best_model.pth and '
                         'final_model.pth')
     p.add_argument('--out_dir', '--out-dir', default='./output/',
-                   help='results.json and the AutoAttack logs go here')
+                   help='results.json (results-2.json, ... when taken: nothing is '
+                        'overwritten) and the AutoAttack logs go here')
     p.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data')
     p.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
     p.add_argument('--alpha', type=pixel_units, default=2.0, help='PGD and C&W step, in /255')
@@ -163,6 +165,7 @@ def run(dataset, args):
     num_classes = DATASETS[dataset]['num_classes']
     device = resolve_device(args.device)
     script = os.path.basename(sys.argv[0])
+    check_writable_dir(args.out_dir, '--out_dir')  # before the hours of attacks, not after
     paths = checkpoint_paths(args.model_path)
     models = [load_model_weights(p, PreActResNet18, num_classes, args.width, script) for p in paths]
     x, y = load_cifar(dataset, args.data_dir, train=False)
@@ -170,16 +173,18 @@ def run(dataset, args):
         print(f'note: --n_ex {args.n_ex} but the test set has {len(y)} images; using all')
     x = x[:args.n_ex].to(device).float() / 255
     y = y[:args.n_ex].to(device)
-    os.makedirs(args.out_dir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     report = dict(dataset=dataset, n_examples=len(y), epsilon=args.epsilon / 255,
                   epsilon_255=args.epsilon, attacks=args.attacks, seed=args.seed,
                   device=str(device), torch=torch.__version__,
                   command=' '.join([script] + sys.argv[1:]), results=[])
-    results_path = os.path.join(args.out_dir, 'results.json')
+    # A new file each time: an earlier evaluation's results.json is kept.
+    results_path = create_new_text_file(args.out_dir, 'results.json', json.dumps(report, indent=2))
+    print(f'results go to {results_path}')
     for path, model in zip(paths, models):
         print(f'{path}: {len(y)} test images, eps {args.epsilon:g}/255, device {device}')
-        stem = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0])
+        log_prefix = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0]
+                                  + numbered_suffix(results_path))
         entry = dict(checkpoint=os.path.abspath(path), sha256=sha256_file(path),
                      width=model.width, num_classes=num_classes, attacks={})
         report['results'].append(entry)
@@ -187,10 +192,15 @@ def run(dataset, args):
         def save(results):  # after every attack: a crash in AutoAttack keeps the PGD numbers
             entry['attacks'] = results
             atomic_write_text(results_path, json.dumps(report, indent=2))
-        evaluate_checkpoint(model.to(device), x, y, args, stem, after_each=save)
+        evaluate_checkpoint(model.to(device), x, y, args, log_prefix, after_each=save)
     print('\n' + format_table(report))
     print(f'\nresults: {results_path}')
     return report
+
+
+def numbered_suffix(results_path):
+    """'' for results.json, '-2' for results-2.json: the AutoAttack logs carry it too."""
+    return os.path.splitext(os.path.basename(results_path))[0][len('results'):]
 
 
 def main(dataset, argv=None):

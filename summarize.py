@@ -4,7 +4,8 @@
 
 Each argument is a run directory (config.json, metrics.csv), an evaluation's
 results.json, or a directory holding one. The results.json in a run directory
-or one level below it are read too. An evaluation's AutoAttack accuracy is
+or one level below it are read too, with results-2.json, results-3.json, ...
+(later evaluations into the same directory). An evaluation's AutoAttack accuracy is
 shown for a run when the checkpoint it evaluated has the same content (sha256)
 as the run's best_model.pth or final_model.pth.
 """
@@ -91,6 +92,26 @@ def read_evaluation(path):
     return [dict(entry, report=path) for entry in entries]
 
 
+def evaluations_in(directory, below=False):
+    """The reports evaluate.py wrote in ``directory`` (``below``: in its subdirectories).
+
+    results.json, then results-2.json, results-3.json, ...: later evaluations into
+    the same directory (evaluate.py never overwrites one), in the order they were made.
+    """
+    base = glob.escape(directory)
+    if below:
+        base = os.path.join(base, '*')
+    found = [path for pattern in ('results.json', 'results-[0-9]*.json')
+             for path in glob.glob(os.path.join(base, pattern))]
+    return sorted(found, key=lambda path: (os.path.dirname(path), evaluation_number(path)))
+
+
+def evaluation_number(path):
+    """1 for results.json, n for results-n.json."""
+    suffix = os.path.basename(path)[len('results-'):-len('.json')]
+    return int(suffix) if suffix.isdigit() else 1
+
+
 def sort_arguments(paths):
     """Split the command line into run directories and results.json files."""
     run_dirs, result_files = [], []
@@ -101,10 +122,9 @@ def sort_arguments(paths):
             result_files.append(path)
         elif os.path.isfile(os.path.join(path, 'config.json')):
             run_dirs.append(path)
-            result_files += sorted(glob.glob(os.path.join(path, 'results.json'))
-                                   + glob.glob(os.path.join(path, '*', 'results.json')))
-        elif os.path.isfile(os.path.join(path, 'results.json')):
-            result_files.append(os.path.join(path, 'results.json'))
+            result_files += evaluations_in(path) + evaluations_in(path, below=True)
+        elif evaluations_in(path):
+            result_files += evaluations_in(path)
         else:
             raise InputError(f'{path}: neither a run directory (no config.json) nor an '
                              'evaluation (no results.json)')

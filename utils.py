@@ -6,8 +6,10 @@ batches handed to models are float in [0, 1]. Every attack works in that space.
 import contextlib
 import hashlib
 import io
+import itertools
 import os
 import pickle
+import socket
 import tempfile
 
 import numpy as np
@@ -32,37 +34,192 @@ class InputError(Exception):
 # ---------------------------------------------------------------------------
 # Reading CIFAR without executing code from the data files
 
-# Everything the official CIFAR pickles (and numpy-written copies of them) refer to.
-# _codecs.encode rebuilds bytes in protocol-2 pickles written by Python 3.
+# The globals the official CIFAR pickles (Python 2) and copies written by Python 3's pickle,
+# protocols 0 to 5, name. Each maps to a checked stand-in (a method name of _CifarUnpickler):
+# the real callables would let a file of a few hundred bytes allocate gigabytes (a declared
+# shape, a chain of codecs) or crash the interpreter (an object array, a forged dtype).
 _CIFAR_PICKLE_GLOBALS = {
-    ('_codecs', 'encode'),
-    ('numpy.core.multiarray', '_reconstruct'),
-    ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy', 'ndarray'),
-    ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'): '_reconstruct',    # ndarray, protocols 0-4
+    ('numpy._core.multiarray', '_reconstruct'): '_reconstruct',
+    ('numpy.core.numeric', '_frombuffer'): '_frombuffer',          # ndarray, protocol 5
+    ('numpy._core.numeric', '_frombuffer'): '_frombuffer',
+    ('numpy.core.multiarray', 'scalar'): '_scalar',                # a numpy integer
+    ('numpy._core.multiarray', 'scalar'): '_scalar',
+    ('numpy', 'ndarray'): '_ndarray',
+    ('numpy', 'dtype'): '_dtype',
+    ('_codecs', 'encode'): '_latin1_encode',  # bytes in protocols 0-2, written by Python 3
+    ('__builtin__', 'bytes'): '_empty_bytes',  # b'' in protocols 0-2 (an empty array's data)
+    ('builtins', 'bytes'): '_empty_bytes',
 }
+# Array element types a CIFAR file can hold: numbers and strings, never Python objects.
+_ARRAY_KINDS = 'biufcSU'
+_NDARRAY = object()  # what the pickle's numpy.ndarray stands for: only _reconstruct takes it
+
+
+def one_line(text, limit=300):
+    """``text`` on one line (whitespace runs become one space), cut at ``limit`` characters."""
+    text = ' '.join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+class _DtypeStandIn:
+    """numpy.dtype as a CIFAR pickle builds it: a type code, then a byte order (its BUILD).
+
+    Only those two are kept: the state's flags, sizes and fields never reach numpy,
+    so a forged dtype cannot make numpy read raw bytes as object pointers.
+    """
+
+    def __init__(self, loader, spec, align=False, copy=False):
+        if not isinstance(spec, str) or len(spec) > 16:
+            raise InputError(f'{loader.path}: refused numpy dtype {one_line(repr(spec), 40)}')
+        self.loader, self.spec, self.byteorder = loader, spec, '='
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ('<', '>', '=', '|'):
+            self.byteorder = state[1]
+
+    def resolve(self):
+        """The numpy dtype, if it holds plain numbers or strings; else an InputError."""
+        try:
+            dtype = np.dtype(self.spec)
+        except (TypeError, ValueError):
+            dtype = None
+        if dtype is None or dtype.kind not in _ARRAY_KINDS or dtype.fields is not None \
+                or dtype.subdtype is not None:
+            raise InputError(f'{self.loader.path}: refused an array of numpy dtype '
+                             f'{one_line(repr(self.spec), 40)}; a CIFAR batch file holds '
+                             'numeric arrays only')
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in '<>' else dtype
+
+
+class _CheckedArray(np.ndarray):
+    """An ndarray being unpickled: numpy sees its state (shape, dtype, data) only once checked."""
+
+    def __setstate__(self, state):
+        loader = self.__dict__.pop('_loader')  # so the array does not keep the unpickler alive
+        super().__setstate__(loader.array_state(state))
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    def __init__(self, file, path):
+    """Unpickles what CIFAR files hold (dicts, lists, strings, numbers, numpy arrays), nothing else.
+
+    The arrays declared in a file may not hold more bytes, all together, than the
+    file has: a real array's data is in the file. Codec output is bounded the same way.
+    """
+
+    def __init__(self, file, path, size):
         super().__init__(file, encoding='latin1')
         self.path = path
+        self.budget = {'array': size, 'bytes': size}
 
     def find_class(self, module, name):
-        if (module, name) in _CIFAR_PICKLE_GLOBALS:
-            return super().find_class(module, name)
-        raise InputError(f'{self.path}: refused to load {module}.{name}; a CIFAR batch file '
-                         'holds only dicts, lists, strings, ints and numpy arrays')
+        attribute = _CIFAR_PICKLE_GLOBALS.get((module, name))
+        if attribute is None:
+            raise InputError(f'{self.path}: refused to load {one_line(module, 80)}.'
+                             f'{one_line(name, 80)}; a CIFAR batch file holds only dicts, '
+                             'lists, strings, ints and numpy arrays')
+        return getattr(self, attribute)
+
+    _ndarray = _NDARRAY  # find_class hands out attributes: this one is a marker, not a class
+
+    def _dtype(self, *args):
+        return _DtypeStandIn(self, *args)
+
+    def spend(self, kind, nbytes, what):
+        """Count ``nbytes`` more of ``kind`` against the file's size, refusing more than it has."""
+        if nbytes > self.budget[kind]:
+            raise InputError(f'{self.path}: {what} ({nbytes} bytes) is larger than the file '
+                             'could hold; refused before allocating it')
+        self.budget[kind] -= nbytes
+
+    def checked_size(self, shape, dtype):
+        """``shape`` as a tuple, refused if an array of it and ``dtype`` cannot be in the file."""
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if not isinstance(shape, tuple) or len(shape) > 32 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise InputError(f'{self.path}: an array has a malformed shape '
+                             f'{one_line(repr(shape), 60)}')
+        count = 1
+        for n in shape:
+            count *= n
+        self.spend('array', count * max(dtype.itemsize, 1),
+                   f'an array of shape {shape} and dtype {dtype}')
+        return shape
+
+    def _reconstruct(self, subtype, shape, typecode):
+        # numpy writes _reconstruct(ndarray, (0,), b'b'); the real shape comes with BUILD.
+        if subtype is not _NDARRAY or typecode not in (b'b', 'b'):
+            raise InputError(f'{self.path}: refused a numpy _reconstruct call that numpy '
+                             'does not write')
+        array = _CheckedArray(self.checked_size(shape, np.dtype(np.int8)), np.int8)
+        array._loader = self
+        return array
+
+    def array_state(self, state):
+        """An ndarray's pickled state, checked, with a dtype numpy makes from its type code."""
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise InputError(f'{self.path}: an array has a malformed state')
+        version = state[:-4]
+        shape, dtype, fortran, data = state[-4:]
+        if not isinstance(dtype, _DtypeStandIn) or not isinstance(data, (bytes, bytearray, str)):
+            raise InputError(f'{self.path}: an array holds something other than raw numbers')
+        dtype = dtype.resolve()
+        shape = self.checked_size(shape, dtype)
+        return (*version, shape, dtype, bool(fortran), data)
+
+    def _frombuffer(self, buffer, dtype, shape, order, axis_order=None):
+        # numpy._core.numeric._frombuffer, for an array pickled with protocol 5
+        if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, _DtypeStandIn) \
+                or order not in ('C', 'F', 'K'):
+            raise InputError(f'{self.path}: an array holds something other than raw numbers')
+        dtype = dtype.resolve()
+        shape = self.checked_size(shape, dtype)
+        array = np.frombuffer(buffer, dtype=dtype)
+        if order == 'K' and axis_order is not None:
+            return array.reshape(shape, order='C').transpose(axis_order)
+        return array.reshape(shape, order=order)
+
+    def _scalar(self, dtype, data):
+        # numpy._core.multiarray.scalar: one numpy number, e.g. in a list of labels
+        if not isinstance(dtype, _DtypeStandIn) or not isinstance(data, (bytes, str)):
+            raise InputError(f'{self.path}: a numpy number holds something other than raw bytes')
+        dtype = dtype.resolve()
+        self.checked_size((), dtype)
+        data = data.encode('latin1') if isinstance(data, str) else data
+        return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+    def _latin1_encode(self, text, encoding='utf-8'):
+        # Python 3 writes bytes as _codecs.encode(text, 'latin1') for protocols 0-2; other
+        # codecs (hex, base64) expand their input and chain, so they are refused.
+        if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+            raise InputError(f'{self.path}: refused _codecs.encode with '
+                             f'{one_line(repr(encoding), 40)}; only latin1 text is bytes in a '
+                             'CIFAR batch file')
+        self.spend('bytes', len(text), 'a byte string')
+        return text.encode('latin1')
+
+    def _empty_bytes(self, *args):
+        if args:  # bytes(n) would allocate n bytes
+            raise InputError(f'{self.path}: refused bytes() with arguments')
+        return b''
+
+
+def _plain(value):
+    """An unpickled array as a plain ndarray (the checks are done); anything else unchanged."""
+    return value.view(np.ndarray) if isinstance(value, _CheckedArray) else value
 
 
 def read_cifar_pickle(raw, path):
     """Unpickle one CIFAR batch file's bytes, allowing only what the format contains."""
     try:
-        return _CifarUnpickler(io.BytesIO(raw), path).load()
+        batch = _CifarUnpickler(io.BytesIO(raw), path, len(raw)).load()
     except InputError:
         raise
     except Exception as e:  # truncated or garbled files raise many different errors
-        raise InputError(f'{path}: not a readable CIFAR batch file ({type(e).__name__}: {e})')
+        raise InputError(f'{path}: not a readable CIFAR batch file '
+                         f'({type(e).__name__}: {one_line(e, 200)})')
+    return {k: _plain(v) for k, v in batch.items()} if isinstance(batch, dict) else batch
 
 
 def _official_md5s(dataset):
@@ -71,44 +228,99 @@ def _official_md5s(dataset):
     return dict(cls.train_list + cls.test_list)
 
 
+# Seconds a download may wait for the server at each step (connecting, each read): a network
+# that accepts the connection and never answers would otherwise hang the run forever.
+DOWNLOAD_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds):
+    """Sockets made inside time out after ``seconds`` (torchvision's urlopen takes no timeout)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _download(dataset, data_dir):
+    """Download the official release into ``data_dir`` through torchvision, or say how to."""
     spec = DATASETS[dataset]
     try:
         from torchvision import datasets as tv_datasets
         cls = tv_datasets.CIFAR10 if dataset == 'cifar10' else tv_datasets.CIFAR100
         print(f'{spec["name"]} not found in {data_dir}: downloading it there')
-        cls(root=data_dir, train=True, download=True)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            cls(root=data_dir, train=True, download=True)
     except Exception as e:
+        reason = f'{type(e).__name__}: {one_line(e, 200)}'
+        if isinstance(e, TimeoutError) or 'timed out' in reason:
+            reason = f'no answer from the server within {DOWNLOAD_TIMEOUT_S} s; {reason}'
         raise InputError(
             f'{spec["name"]} is not in {os.path.join(data_dir, spec["folder"])} and could not be '
-            f'downloaded ({type(e).__name__}: {e}). Download {spec["url"]} and extract it into '
+            f'downloaded ({reason}). Download {spec["url"]} and extract it into '
             f'{data_dir}, so that {os.path.join(data_dir, spec["folder"])}/ holds '
             f'{", ".join(spec["train_files"] + spec["test_files"])}')
 
 
 def _check_batch(batch, path, label_key, num_classes):
+    """The (data, labels) of one unpickled batch file, checked against the CIFAR layout."""
     if not isinstance(batch, dict):
         raise InputError(f'{path}: expected a dict, found {type(batch).__name__}')
     batch = {k.decode('latin1') if isinstance(k, bytes) else k: v for k, v in batch.items()}
     for key in ('data', label_key):
         if key not in batch:
-            raise InputError(f'{path}: no "{key}" entry (found: {", ".join(map(str, batch))})')
-    data, labels = batch['data'], batch[label_key]
+            found = one_line(', '.join(map(str, batch)), 120)
+            raise InputError(f'{path}: no "{key}" entry (found: {found})')
+    data = batch['data']
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != 3072:
         desc = f'{data.dtype} array of shape {data.shape}' if isinstance(data, np.ndarray) \
             else type(data).__name__
         raise InputError(f'{path}: "data" must be a uint8 array of shape (N, 3072), found {desc}')
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise InputError(f'{path}: "{label_key}" must be a list of integers')
-    if labels.shape != (len(data),):
-        raise InputError(f'{path}: {len(data)} images but {labels.size} labels')
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
-        raise InputError(f'{path}: label {bad} is outside 0..{num_classes - 1}')
+    labels = _check_labels(batch[label_key], path, label_key, num_classes)
+    if len(labels) != len(data):
+        raise InputError(f'{path}: {len(data)} images but {len(labels)} labels')
     return data, labels
+
+
+def _check_labels(labels, path, label_key, num_classes):
+    """Labels as an int64 array, if they are integers in 0..num_classes-1.
+
+    Only integers: np.asarray(..., int64) would truncate 3.7 to 3 and read '3'
+    as 3, and a bool is no class either. Checked before converting, so a huge
+    integer is reported, not an OverflowError.
+    """
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in 'iu':
+            raise InputError(f'{path}: "{label_key}" must be a list or 1-d array of integers, '
+                             f'found a {labels.dtype} array of shape {labels.shape}')
+    elif isinstance(labels, (list, tuple)):
+        for value in labels:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InputError(f'{path}: "{label_key}" must hold integers, found '
+                                 f'{type(value).__name__} {one_line(repr(value), 40)}')
+    else:
+        raise InputError(f'{path}: "{label_key}" must be a list of integers, found '
+                         f'{type(labels).__name__}')
+    bad = _first_out_of_range(labels, num_classes)
+    if bad is not None:
+        raise InputError(f'{path}: label {bad} is outside 0..{num_classes - 1}')
+    return np.asarray(labels, dtype=np.int64).reshape(-1)
+
+
+def _first_out_of_range(labels, num_classes):
+    """The first label outside 0..num_classes-1, as text; None if there is none."""
+    if isinstance(labels, np.ndarray):
+        bad = labels[(labels < 0) | (labels >= num_classes)][:1].tolist()
+    else:
+        bad = [v for v in labels if not 0 <= v < num_classes][:1]
+    if not bad:
+        return None
+    value = int(bad[0])
+    # str() refuses integers of more than 4300 digits, and the line should stay short
+    return str(value) if value.bit_length() <= 128 else f'of {value.bit_length()} bits'
 
 
 def load_cifar(dataset, data_dir, train, download=True, quiet=False):
@@ -116,6 +328,7 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
 
     Reads the standard python-pickle layout under ``data_dir``; downloads the
     official release there through torchvision when the folder is absent.
+    An empty split is refused: training or evaluating on it would only fail later.
     """
     spec = DATASETS[dataset]
     folder = os.path.join(data_dir, spec['folder'])
@@ -131,8 +344,7 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
         if not os.path.isfile(path):
             raise InputError(f'{path} is missing; {folder}/ should hold '
                              f'{", ".join(spec["train_files"] + spec["test_files"])}')
-        with open(path, 'rb') as f:
-            raw = f.read()
+        raw = _read_file(path)
         md5s[name] = hashlib.md5(raw).hexdigest()
         data, y = _check_batch(read_cifar_pickle(raw, path), path, spec['label_key'],
                                spec['num_classes'])
@@ -140,12 +352,27 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
         labels.append(y)
     images = np.concatenate(images).reshape(-1, 3, 32, 32)
     labels = np.concatenate(labels)
+    if not len(labels):
+        split = 'training' if train else 'test'
+        if len(files) == 1:
+            raise InputError(f'{path}: the {spec["name"]} {split} split has no images')
+        raise InputError(f'{folder}: the {spec["name"]} {split} split has no images in '
+                         f'{", ".join(files)}')
     official = _official_md5s(dataset)
     if any(official.get(name) != md5 for name, md5 in md5s.items()):
         if not quiet:
             print(f'note: {folder} is not the official {spec["name"]} release '
                   f'({len(labels)} {"train" if train else "test"} images)')
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _read_file(path):
+    """The bytes of ``path``; an OSError (permissions, I/O) becomes a one-line InputError."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f'{path}: cannot be read ({e.strerror or e})')
 
 
 # ---------------------------------------------------------------------------
@@ -392,6 +619,41 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode())
 
 
+def check_writable_dir(directory, flag):
+    """Create ``directory`` if need be and make sure a file can be written in it.
+
+    Done before any work, so a bad ``flag`` (e.g. --out_dir) costs nothing; the
+    InputError names the flag and the directory.
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f'{flag} {directory} is a file, not a directory')
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise InputError(f'{flag} {directory}: cannot write there ({e.strerror or e})')
+
+
+def create_new_text_file(directory, name, text):
+    """Write ``text`` to a new file ``name`` in ``directory`` and return its path.
+
+    An existing file is never replaced: if ``name`` (say results.json) is taken,
+    results-2.json, results-3.json, ... are tried. Each name is claimed with
+    O_EXCL, so two processes never pick the same one; the text then goes in
+    atomically, like every later rewrite of the file.
+    """
+    stem, ext = os.path.splitext(name)
+    for number in itertools.count(1):
+        path = os.path.join(directory, name if number == 1 else f'{stem}-{number}{ext}')
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        atomic_write_text(path, text)
+        return path
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -427,7 +689,8 @@ def load_model_weights(path, model_factory, num_classes, width=None, script=''):
 
     ``model_factory(num_classes, width)`` builds the architecture; the width
     is read from the checkpoint when not given. Raises InputError, naming the
-    problem, for anything that is not a matching state_dict.
+    problem, for anything that is not a matching state_dict, and for weights
+    holding NaN or inf: their model would be evaluated as if it were a result.
     """
     state = safe_torch_load(path)
     if isinstance(state, dict) and 'teacher' in state and 'student' in state:
@@ -446,6 +709,11 @@ def load_model_weights(path, model_factory, num_classes, width=None, script=''):
                          f'{num_classes}-class models')
     if width is not None and width != found_width:
         raise InputError(f'{path} has width {found_width}, not --width {width}')
+    not_finite = [key for key, value in state.items()
+                  if value.is_floating_point() and not torch.isfinite(value).all()]
+    if not_finite:
+        raise InputError(f'{path}: {len(not_finite)} tensor(s) hold NaN or inf '
+                         f'({one_line(", ".join(not_finite), 120)}); these weights are unusable')
     model = model_factory(num_classes, found_width)
     try:
         model.load_state_dict(state)

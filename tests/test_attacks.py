@@ -1,6 +1,7 @@
 """Attacks against known answers, and the evaluation scripts end to end."""
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -189,6 +190,8 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path):
     ('truncated', None, 'not a loadable PyTorch weights file'),
     ('resumable', None, 'is a resumable training checkpoint'),
     ('extra-key', None, 'does not fit PreActResNet-18 of width 8'),
+    ('nan', None, r'1 tensor\(s\) hold NaN or inf \(conv1.weight\); these weights are unusable'),
+    ('inf', None, r'2 tensor\(s\) hold NaN or inf \(layer4.1.bn2.running_var, linear.weight\)'),
 ])
 def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
     path = tmp_path / 'model.pth'
@@ -206,6 +209,13 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
         save({'student': state, 'teacher': state, 'epoch': 3}, path)
     elif content == 'extra-key':
         save({**state, 'layer5.weight': torch.zeros(1)}, path)
+    elif content == 'nan':
+        state['conv1.weight'][0, 0, 0, 0] = float('nan')
+        save(state, path)
+    elif content == 'inf':
+        state['linear.weight'][3, 7] = float('-inf')
+        state['layer4.1.bn2.running_var'][0] = float('inf')
+        save(state, path)
     elif content is not None:
         save(content, path)
     with pytest.raises(InputError, match=message):
@@ -267,3 +277,88 @@ def test_unknown_attack_is_an_argument_error(tmp_path):
     proc = run_script('test_cifar10.py', '--model_path', 'x.pth', '--attacks', 'pgd10,fgsm',
                       cwd=tmp_path)
     assert proc.returncode == 2 and 'unknown attack fgsm' in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad input to the evaluation: one line, exit status 2, before any attack
+
+def model_and_data(tmp_path):
+    """A width-8 CIFAR-10 checkpoint and a synthetic CIFAR-10 with 10 test images."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=10, n_test=10)
+    torch.manual_seed(0)
+    return save(PreActResNet18(10, width=8).state_dict(), tmp_path / 'model.pth')
+
+
+def evaluate_in_process(capsys, *argv):
+    """test_cifar10.py's main without a new interpreter: (exit status, stdout, stderr)."""
+    try:
+        evaluate.main('cifar10', [str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize('where', ['a file', 'inside a file', 'read-only'])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_attack(
+        tmp_path, capsys, where):
+    checkpoint = model_and_data(tmp_path)
+    (tmp_path / 'file').write_text('not a directory')
+    # sysfs takes no new files, even from root (for whom chmod would not stop a write)
+    out_dir = {'a file': tmp_path / 'file', 'inside a file': tmp_path / 'file' / 'out',
+               'read-only': '/sys'}[where]
+    if where == 'read-only' and not os.path.isdir('/sys'):
+        pytest.skip('no /sys on this system')
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir', out_dir,
+                                         '--data-dir', tmp_path / 'data', '--n_ex', '4',
+                                         '--attacks', 'clean')
+    assert code == 2 and out == '', 'nothing was evaluated'
+    expected = (f'error: --out_dir {out_dir} is a file, not a directory' if where == 'a file'
+                else f'error: --out_dir {out_dir}: cannot write there (')
+    assert err.startswith(expected) and len(err.splitlines()) == 1
+
+
+def test_a_second_evaluation_into_the_same_out_dir_keeps_the_first(tmp_path, capsys,
+                                                                   monkeypatch):
+    checkpoint = model_and_data(tmp_path)
+    out_dir = tmp_path / 'out'
+
+    def fake_autoattack(model, x, y, epsilon, args, log_path):  # AutoAttack takes minutes
+        with open(log_path, 'w') as f:
+            f.write(f'seed {args.seed}')
+        return 0, {}
+    monkeypatch.setattr(evaluate, 'run_autoattack', fake_autoattack)
+    for seed, name in enumerate(['results.json', 'results-2.json', 'results-3.json']):
+        code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                             out_dir, '--data-dir', tmp_path / 'data',
+                                             '--n_ex', '4', '--attacks', 'clean,aa',
+                                             '--seed', seed)
+        assert code == 0, err
+        assert out.rstrip().endswith(f'results: {out_dir / name}')
+    for seed, suffix in enumerate(['', '-2', '-3']):
+        report = json.loads((out_dir / f'results{suffix}.json').read_text())
+        assert report['seed'] == seed and list(report['results'][0]['attacks']) == ['clean', 'aa']
+        assert (out_dir / f'model{suffix}_autoattack.log').read_text() == f'seed {seed}'
+
+
+def test_a_checkpoint_whose_weights_are_not_finite_is_refused_in_one_line(tmp_path, capsys):
+    checkpoint = model_and_data(tmp_path)
+    state = torch.load(checkpoint, weights_only=True)
+    state['layer1.0.conv1.weight'].view(-1)[5] = float('nan')
+    torch.save(state, checkpoint)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', '4', '--attacks', 'clean')
+    assert code == 2 and out == ''
+    assert err == (f'error: {checkpoint}: 1 tensor(s) hold NaN or inf (layer1.0.conv1.weight); '
+                   'these weights are unusable\n')
+    assert not (tmp_path / 'out' / 'results.json').exists()
+
+
+@pytest.mark.parametrize('flag,value', [('--epsilon', 'nan'), ('--alpha', 'inf')])
+def test_nan_and_inf_attack_settings_are_refused_in_one_argparse_line(capsys, flag, value):
+    code, out, err = evaluate_in_process(capsys, '--model_path', 'model.pth', flag, value)
+    errors = [line for line in err.splitlines() if 'error' in line]
+    assert code == 2 and len(errors) == 1
+    assert errors[0].endswith(f"error: argument {flag}: '{value}' is not a finite number")

@@ -1,13 +1,19 @@
 """CIFAR files in, device batches out: layout checks, safe unpickling, augmentation."""
 import os
 import pickle
+import socket
+import threading
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from payloads import CreatesAFile
+import utils
+from payloads import (FROMBUFFER, RECONSTRUCT, CreatesAFile, Reduce, array_with_state,
+                      forged_dtype, hex_chain)
 from synthetic import write_synthetic_cifar
 from utils import CifarLoader, InputError, crop_flip, load_cifar
 
@@ -84,14 +90,24 @@ def test_load_cifar_reads_the_pickle_layout(tmp_path, capsys, dataset, classes):
     assert 'not the official' in capsys.readouterr().out
 
 
-def rewrite_batch(tmp_path, changes):
-    path = os.path.join(tmp_path, 'cifar-10-batches-py', 'data_batch_2')
+def rewrite_batch(tmp_path, changes, name='data_batch_2', protocol=2):
+    """Rewrite one CIFAR-10 batch file with ``changes`` to its dict, in pickle ``protocol``."""
+    path = os.path.join(tmp_path, 'cifar-10-batches-py', name)
     with open(path, 'rb') as f:
         batch = pickle.load(f)
     batch.update(changes)
     with open(path, 'wb') as f:
-        pickle.dump(batch, f, protocol=2)
+        pickle.dump(batch, f, protocol=protocol)
     return path
+
+
+def load_error(tmp_path, train=True):
+    """The message of the InputError load_cifar raises on the CIFAR-10 in ``tmp_path``: one line."""
+    with pytest.raises(InputError) as error:
+        load_cifar('cifar10', str(tmp_path), train=train)
+    message = str(error.value)
+    assert '\n' not in message
+    return message
 
 
 def test_label_out_of_range_is_reported_with_the_file(tmp_path):
@@ -146,3 +162,176 @@ def test_absent_data_without_network_says_how_to_get_it(tmp_path, monkeypatch):
     message = str(error.value)
     assert 'cifar-100-python.tar.gz' in message and 'network is unreachable' in message
     assert str(tmp_path / 'nothing-here' / 'cifar-100-python') in message
+
+
+# ---------------------------------------------------------------------------
+# Labels, empty splits, one-line errors
+
+@pytest.mark.parametrize('labels,found', [
+    ([3] * 9 + [3.7], "float 3.7"),
+    ([3] * 9 + [4.0], "float 4.0"),
+    ([3] * 9 + ['3'], "str '3'"),
+    ([3] * 9 + [True], 'bool True'),
+    ([3] * 9 + [None], 'NoneType None'),
+    (np.full(10, 3.0), 'float64 array'),
+    (np.ones(10, bool), 'bool array'),
+    (np.full(10, '3'), '<U1 array'),
+    (np.zeros((10, 1), np.int64), 'int64 array of shape (10, 1)'),
+    ('3333333333', 'found str'),
+])
+def test_labels_that_are_not_integers_are_refused_with_the_file_named(tmp_path, labels, found):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'labels': labels})
+    message = load_error(tmp_path)
+    assert message.startswith(f'{path}: "labels" must') and found in message
+
+
+@pytest.mark.parametrize('labels,shown', [
+    ([3] * 9 + [10 ** 30], str(10 ** 30)),
+    ([3] * 9 + [-1], '-1'),
+    ([3] * 9 + [2 ** 20000], 'of 20001 bits'),
+    (np.array([3] * 9 + [2 ** 64 - 1], np.uint64), str(2 ** 64 - 1)),
+    ([np.int64(3)] * 9 + [np.int64(-5)], '-5'),
+])
+def test_labels_out_of_range_however_large_are_one_line_naming_the_file(tmp_path, labels, shown):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'labels': labels})
+    assert load_error(tmp_path) == f'{path}: label {shown} is outside 0..9'
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_an_empty_split_is_refused_with_its_files_named(tmp_path, train):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=0 if train else 50,
+                          n_test=10 if train else 0)
+    folder = os.path.join(tmp_path, 'cifar-10-batches-py')
+    message = load_error(tmp_path, train)
+    if train:
+        assert message == (f'{folder}: the CIFAR-10 training split has no images in '
+                           'data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5')
+    else:
+        assert message == f'{folder}/test_batch: the CIFAR-10 test split has no images'
+
+
+def test_data_errors_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'labels\nsecond line': [1] * 10})
+    with open(path, 'rb') as f:
+        batch = pickle.load(f)
+    del batch['labels']
+    with open(path, 'wb') as f:
+        pickle.dump(batch, f)
+    message = load_error(tmp_path)
+    assert message.startswith(f'{path}: no "labels" entry (found: ') and 'second line' in message
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(utils, 'open', unreadable, raising=False)
+    assert load_error(tmp_path).endswith('data_batch_1: cannot be read (Permission denied)')
+
+
+# ---------------------------------------------------------------------------
+# Every pickle protocol; nothing the file cannot hold is allocated
+
+def reference_split(tmp_path, train):
+    x, y = load_cifar('cifar10', str(tmp_path), train=train, quiet=True)
+    return x.clone(), y.clone()
+
+
+@pytest.mark.parametrize('protocol', range(6))
+@pytest.mark.parametrize('labels', ['list', 'array', 'numpy ints'])
+def test_a_copy_saved_with_any_pickle_protocol_loads(tmp_path, protocol, labels):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    expected = {train: reference_split(tmp_path, train) for train in (True, False)}
+    folder = tmp_path / 'cifar-10-batches-py'
+    for name in os.listdir(folder):
+        with open(folder / name, 'rb') as f:
+            batch = pickle.load(f)
+        y = np.array(batch['labels'])
+        batch['labels'] = {'list': y.tolist(), 'array': y, 'numpy ints': list(y)}[labels]
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f, protocol=protocol)
+    for train in (True, False):
+        x, y = load_cifar('cifar10', str(tmp_path), train=train, quiet=True)
+        assert torch.equal(x, expected[train][0]) and torch.equal(y, expected[train][1])
+
+
+def test_arrays_pickled_by_python_2_with_their_data_as_text_load(tmp_path):
+    # The official release was written by Python 2: an array's data is a str there, which
+    # Python 3 reads back as latin-1 text.
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    images = np.arange(10 * 3072).astype(np.uint8).reshape(10, 3072)
+    data = array_with_state((10, 3072), np.dtype('u1'), images.tobytes().decode('latin1'))
+    rewrite_batch(tmp_path, {'data': data})
+    x, _ = load_cifar('cifar10', str(tmp_path), train=True, quiet=True)
+    assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
+
+
+HUGE = (10 ** 6, 10 ** 6)
+
+
+@pytest.mark.parametrize('payload,protocol,message', [
+    (array_with_state(HUGE, np.dtype('u1'), b'x'), 2, 'an array of shape (1000000, 1000000)'),
+    (Reduce(RECONSTRUCT, (np.ndarray, HUGE, b'b')), 2, 'an array of shape (1000000, 1000000)'),
+    (Reduce(FROMBUFFER, (bytearray(b'x'), np.dtype('u1'), HUGE, 'C')), 5,
+     'an array of shape (1000000, 1000000)'),
+    (Reduce(RECONSTRUCT, (np.ndarray, (10 ** 4, 10 ** 4), b'O')), 2,
+     'refused a numpy _reconstruct'),
+    (array_with_state((2,), np.dtype('O'), ['a', 'b']), 2, 'an array holds something other'),
+    (array_with_state((2,), np.dtype('O'), b'x' * 16), 2, "refused an array of numpy dtype 'O8'"),
+    (hex_chain(25), 2, "refused _codecs.encode with 'hex'"),
+    (Reduce(bytes, (10 ** 12,)), 2, 'refused bytes() with arguments'),
+    (Reduce(bytes, (10 ** 12,)), 5, 'refused bytes() with arguments'),
+])
+def test_a_tiny_pickle_declaring_a_huge_array_is_refused_before_allocating(
+        tmp_path, payload, protocol, message):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'payload': payload}, name='test_batch', protocol=protocol)
+    tracemalloc.start()
+    start = time.time()
+    try:
+        error = load_error(tmp_path, train=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.startswith(f'{path}: {message}')
+    assert time.time() - start < 5 and peak < 20 * 2 ** 20, f'{peak / 2 ** 20:.0f} MiB allocated'
+
+
+def test_a_dtype_never_takes_its_flags_from_the_pickle(tmp_path):
+    # A dtype whose pickled flags say "holds Python objects" made numpy read the data as
+    # object pointers (a crash at best). Only the type code and byte order are used.
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    images = np.arange(10 * 3072).astype(np.uint8).reshape(10, 3072)
+    rewrite_batch(tmp_path, {'data': array_with_state((10, 3072), forged_dtype('u1', 63),
+                                                      images.tobytes())})
+    x, _ = load_cifar('cifar10', str(tmp_path), train=True, quiet=True)
+    assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
+
+
+# ---------------------------------------------------------------------------
+# Downloading
+
+def test_a_download_from_a_server_that_never_answers_times_out(tmp_path, monkeypatch):
+    import torchvision.datasets
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(8)  # the kernel accepts connections; nothing ever answers them
+    # Should the timeout be missing, closing the socket resets the connection: the test
+    # then fails on the message instead of hanging.
+    reset = threading.Timer(20, server.close)
+    reset.start()
+    port = server.getsockname()[1]
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, 'url',
+                        f'http://127.0.0.1:{port}/cifar-10-python.tar.gz')
+    monkeypatch.setattr(utils, 'DOWNLOAD_TIMEOUT_S', 1)
+    for variable in ('no_proxy', 'NO_PROXY'):
+        monkeypatch.setenv(variable, '*')  # the request must go to the local server itself
+    start = time.time()
+    try:
+        message = load_error(tmp_path / 'data')
+    finally:
+        reset.cancel()
+        server.close()
+    assert time.time() - start < 10
+    assert 'could not be downloaded (no answer from the server within 1 s' in message
+    assert socket.getdefaulttimeout() is None, 'the default timeout is restored'

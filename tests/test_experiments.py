@@ -379,6 +379,25 @@ def test_summarize_ignores_evaluations_of_other_weights(tmp_path, capsys):
     assert 'changed after' in err
 
 
+def test_summarize_finds_the_numbered_results_of_later_evaluations(tmp_path, capsys):
+    # evaluate.py never overwrites results.json: a second evaluation writes results-2.json.
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    digests = {name: sha256_file(run / name) for name in ('best_model.pth', 'final_model.pth')}
+    (run / 'eval').mkdir()
+    write_results(run / 'eval' / 'results.json',
+                  [(run / 'best_model.pth', digests['best_model.pth'], 0.41)])
+    write_results(run / 'eval' / 'results-2.json',
+                  [(run / 'final_model.pth', digests['final_model.pth'], 0.39)])
+    code, out, err = summarize_in_process(capsys, run)
+    assert code == 0, err
+    assert (table_rows(out)[0]['AA best'], table_rows(out)[0]['AA final']) == ('41.00%', '39.00%')
+    # The same in a directory named on the command line.
+    (run / 'eval').rename(tmp_path / 'elsewhere')
+    code, out, err = summarize_in_process(capsys, run, tmp_path / 'elsewhere')
+    assert code == 0, err
+    assert (table_rows(out)[0]['AA best'], table_rows(out)[0]['AA final']) == ('41.00%', '39.00%')
+
+
 @pytest.mark.parametrize('problem, message', [
     ('missing', 'no such file or directory'),
     ('empty', 'neither a run directory (no config.json) nor an evaluation'),
