@@ -20,7 +20,6 @@ import random
 import signal
 import socket
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, temperature
 from preactresnet import PreActResNet18
 from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text, attack_fgsm,
-                   cudnn_autotuning, evaluate_batches, evaluate_robustness, load_cifar,
+                   check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness, load_cifar,
                    pgd_attack, safe_torch_load)
 
 
@@ -220,15 +219,17 @@ WEIGHT_LIMIT = 1e8
 def weights_diverged(models):
     """'student conv1.weight' (the first float tensor not finite or beyond WEIGHT_LIMIT), or None.
 
-    One fused max-abs per model; the tensors are named only when one is bad.
+    One fused max-abs per model and one host sync for all of them (this runs after
+    every step); the tensors are named only when one is bad.
     """
-    for name, model in models.items():
-        state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        largest = torch.stack(torch._foreach_norm(list(state.values()), float('inf'))).max()
-        if not largest <= WEIGHT_LIMIT:  # also NaN
-            bad = next(k for k, v in state.items() if not v.abs().max() <= WEIGHT_LIMIT)
-            return f'{name} {bad}'
-    return None
+    states = {name: {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+              for name, model in models.items()}
+    largest = torch.stack([torch.stack(torch._foreach_norm(list(state.values()), float('inf')))
+                           .max() for state in states.values()]).max()
+    if largest <= WEIGHT_LIMIT:  # False for NaN too
+        return None
+    return next(f'{name} {k}' for name, state in states.items() for k, v in state.items()
+                if not v.abs().max() <= WEIGHT_LIMIT)
 
 
 class Interrupted(Exception):
@@ -311,7 +312,10 @@ class Trainer:
                              'this run has one process')
         if args.sync_bn and self.device.type != 'cuda':
             raise InputError('--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)')
-        check_writable(args.out_dir if checkpoint is None else self.run_dir)
+        if checkpoint is None:
+            check_writable_dir(args.out_dir, '--out_dir')
+        else:
+            check_writable_dir(self.run_dir, '--resume')
         # Rank r draws its own mixup and random starts: seed + r (rank 0: the single-process seed).
         seed_everything(args.seed + self.dist.rank)
         self._load_data()
@@ -631,15 +635,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_writable(directory):
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise InputError(f'cannot write to {directory}: {e.strerror or e}')
 
 
 def new_run_dir(args):

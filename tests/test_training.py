@@ -306,7 +306,7 @@ def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
 
     (tmp_path / 'a-file').write_text('')
     proc = run_script('cifar10', '--out_dir', 'a-file/runs', '--data-dir', 'data', cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith('error: cannot write to a-file/runs')
+    assert proc.returncode == 2 and proc.stderr.startswith('error: --out_dir a-file/runs: cannot write there')
 
 
 # ---------------------------------------------------------------------------
