@@ -149,8 +149,8 @@ class SyncedTeacher(ConditionalEMA):
     from its share of the batch. ``student`` is the DDP-wrapped student.
     """
 
-    def __init__(self, student, threshold, dist_):
-        super().__init__(student, threshold)
+    def __init__(self, student, threshold, max_decay, dist_):
+        super().__init__(student, threshold, max_decay)
         self.dist = dist_
 
     def maybe_update(self, student, clean_ok, adv_ok):

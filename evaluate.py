@@ -15,10 +15,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from preactresnet import PreActResNet18
+from models import ARCHS
 from cli import HelpFormatter, pixel_units, positive_int, resolve_device, seed_int
 from utils import (DATASETS, InputError, atomic_write_text, check_writable_dir,
-                   create_new_text_file, evaluate_batches, load_cifar, load_model_weights,
+                   create_new_text_file, evaluate_batches, load_dataset, load_model_weights,
                    pgd_attack, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
@@ -39,8 +39,9 @@ def attack_list(text):
 
 def build_parser(dataset):
     p = argparse.ArgumentParser(
-        description=f'Evaluate PreActResNet-18 checkpoints on the {DATASETS[dataset]["name"]} '
-                    'test set under L-inf attacks.',
+        description=f'Evaluate checkpoints on the {DATASETS[dataset]["name"]} '
+                    f'{"validation" if dataset == "tinyimagenet" else "test"} set under L-inf '
+                    'attacks.',
         formatter_class=HelpFormatter)
     p.add_argument('--model_path', '--model-path', nargs='+', required=True,
                    help='checkpoint file(s); a run directory means its best_model.pth and '
@@ -54,8 +55,10 @@ def build_parser(dataset):
     p.add_argument('--n_ex', '--n-ex', type=positive_int, default=10000,
                    help='evaluate the first N test images')
     p.add_argument('--batch_size', '--batch-size', type=positive_int, default=500)
+    p.add_argument('--arch', choices=list(ARCHS), default=None,
+                   help='the architecture (default: read from the checkpoint)')
     p.add_argument('--width', type=positive_int, default=None,
-                   help='PreActResNet-18 width (default: read from the checkpoint)')
+                   help='the width, to check it (default: read from the checkpoint)')
     p.add_argument('--attacks', type=attack_list, default=list(ATTACKS),
                    help=f'comma list from {",".join(ATTACKS)}')
     p.add_argument('--restarts', type=positive_int, default=1, help='for PGD and C&W')
@@ -167,8 +170,8 @@ def run(dataset, args):
     script = os.path.basename(sys.argv[0])
     check_writable_dir(args.out_dir, '--out_dir')  # before the hours of attacks, not after
     paths = checkpoint_paths(args.model_path)
-    models = [load_model_weights(p, PreActResNet18, num_classes, args.width, script) for p in paths]
-    x, y = load_cifar(dataset, args.data_dir, train=False)
+    models = [load_model_weights(p, dataset, args.arch, args.width, script) for p in paths]
+    x, y = load_dataset(dataset, args.data_dir, train=False)
     if args.n_ex > len(y):
         print(f'note: --n_ex {args.n_ex} but the test set has {len(y)} images; using all')
     x = x[:args.n_ex].to(device).float() / 255
@@ -186,7 +189,7 @@ def run(dataset, args):
         log_prefix = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0]
                                   + numbered_suffix(results_path))
         entry = dict(checkpoint=os.path.abspath(path), sha256=sha256_file(path),
-                     width=model.width, num_classes=num_classes, attacks={})
+                     arch=model.arch, width=model.width, num_classes=num_classes, attacks={})
         report['results'].append(entry)
 
         def save(results):  # after every attack: a crash in AutoAttack keeps the PGD numbers

@@ -2,7 +2,8 @@
 
 The method of METHOD.md and nothing else: the loss pieces, the pieces of the
 adversarial example, the teacher, the schedules, and one training step
-(``mixkl_step``), with the FGSM-RS baseline's step beside it. Every function
+(``mixkl_step``), with the steps of the baselines beside it (FGSM-RS, N-FGSM,
+PGD-AT). Every function
 takes plain values in final units (``Hyperparameters``: epsilon is 8/255, not 8).
 The run around the step (epochs, evaluation, checkpoints, flags) is training.py.
 """
@@ -20,9 +21,9 @@ from utils import clamp
 @dataclass(frozen=True)
 class Hyperparameters:
     """The settings of a training step, in final units. training.py builds it from the flags."""
-    num_classes: int      # C: 10 or 100
+    num_classes: int      # C: 10, 100 or 200
     epsilon: float        # L-inf radius of the training perturbation (8/255)
-    alpha: float          # FGSM step size (8/255; FGSM-RS: 10/255)
+    alpha: float          # attack step size (8/255; FGSM-RS: 10/255, PGD-AT: 2/255)
     mixup_alpha: float    # mixup coefficient ~ Beta(mixup_alpha, mixup_alpha); 0: no mixup
     delta_init: str       # 'random': half-radius random-sign start; 'zero': start at xm
     lamda: float          # weight of the consistency term (12)
@@ -32,6 +33,10 @@ class Hyperparameters:
     lambda_kl_base: float  # weight of the KL term at tau0 (1.0)
     ema_value: float      # teacher update when adv/clean accuracy of the batch < this (0.82)
     amp: bool             # bf16 autocast in the forwards; the loss terms stay fp32
+    # Where the authors' Tiny-ImageNet script differs from their CIFAR scripts (METHOD.md):
+    ema_decay_max: float = 0.999  # the teacher's decay is min(this, (k+1)/(k+10)) (Tiny: 0.55)
+    con_reference: str = 'clean'  # consistency denominator mse(xm+delta, xm); 'start': xm+delta0
+    attack_iters: int = 10        # PGD-AT's steps
 
 
 # ---------------------------------------------------------------------------
@@ -54,11 +59,16 @@ def geometric_kl(student_logits, teacher_logits, tau):
     return t2 * kl.sum() / len(student_logits)
 
 
-def consistency_loss(adv_logits, clean_logits, adv_features, start_features, xm, delta):
-    """(mse(softmax(za), softmax(zc)) + mse(softmax(fa), softmax(feat0))) / (mse(xm+delta, xm) + 0.125)"""
+def consistency_loss(adv_logits, clean_logits, adv_features, start_features, xm, delta,
+                     delta0=None):
+    """(mse(softmax(za), softmax(zc)) + mse(softmax(fa), softmax(feat0))) / (mse(xm+delta, ref) + 0.125)
+
+    ref = xm, or xm + delta0 when delta0 is given (the authors' Tiny-ImageNet script).
+    """
     num = (F.mse_loss(F.softmax(adv_logits, 1), F.softmax(clean_logits, 1))
            + F.mse_loss(F.softmax(adv_features, 1), F.softmax(start_features, 1)))
-    return num / (F.mse_loss(xm + delta, xm) + 0.125)
+    reference = xm if delta0 is None else xm + delta0
+    return num / (F.mse_loss(xm + delta, reference) + 0.125)
 
 
 def correct(logits, y):
@@ -118,18 +128,18 @@ class ConditionalEMA:
     batch counter) are copied. ``model`` starts as a copy of the student.
     """
 
-    def __init__(self, student, threshold):
+    def __init__(self, student, threshold, max_decay=0.999):
         self.model = copy.deepcopy(student).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.threshold = threshold
+        self.threshold, self.max_decay = threshold, max_decay
         self.updates = 0
 
     def wants_update(self, clean_ok, adv_ok):
         return adv_ok / (clean_ok + 1e-8) < self.threshold
 
     def decay(self):
-        return min(0.999, (self.updates + 1) / (self.updates + 10))
+        return min(self.max_decay, (self.updates + 1) / (self.updates + 10))
 
     def maybe_update(self, student, clean_ok, adv_ok):
         """Update from ``student`` if ``wants_update``; True if it did."""
@@ -166,16 +176,24 @@ def kl_weight(tau, tau0, lambda_kl_base):
     return lambda_kl_base * (tau / tau0) ** 2
 
 
-def lr_factor(iteration, total_iterations, schedule):
+def lr_factor(iteration, total_iterations, schedule, peak=0.5):
     """Learning rate at ``iteration`` (0-based), as a fraction of --lr-max.
 
     multistep: x0.1 after 99/110 and again after 104/110 of all iterations;
-    cyclic: linear 0 -> 1 -> 0.
+    cyclic: linear 0 -> 1 at the fraction ``peak`` of all iterations, then -> 0
+    (torch's CyclicLR with one cycle, as the authors ran it).
     """
     if schedule == 'cyclic':
-        return 1 - abs(2 * iteration / total_iterations - 1)
+        x = iteration / total_iterations
+        return x / peak if x <= peak else (1 - x) / (1 - peak)
     milestones = (math.floor(total_iterations * 99 / 110), math.floor(total_iterations * 104 / 110))
     return 0.1 ** sum(iteration >= m for m in milestones)
+
+
+def momentum_at(lr_fraction, momentum, momentum_min):
+    """The cyclic schedule's momentum: momentum at lr 0, falling linearly to momentum_min at the
+    peak lr (CyclicLR's cycle_momentum; the authors' 0.9 -> 0.8)."""
+    return momentum - (momentum - momentum_min) * lr_fraction
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +233,8 @@ def mixkl_step(student, teacher, optimizer, x, y, hp, epoch):
                 zt = teacher.model(xm + delta)
     za, zc = za.float(), zc.float()
     ce = soft_cross_entropy(za, ym)                                             # 5. loss
-    con = consistency_loss(za, zc, fa.float(), feat0.float(), xm, delta) if hp.lamda else 0.0
+    start = delta0.detach() if hp.con_reference == 'start' else None
+    con = consistency_loss(za, zc, fa.float(), feat0.float(), xm, delta, start) if hp.lamda else 0.0
     kl = geometric_kl(za, zt.float(), tau) if w_kl else 0.0
     loss = ce + hp.lamda * con + w_kl * kl
     optimizer.zero_grad(set_to_none=True)                                       # 6. SGD step
@@ -237,6 +256,45 @@ def fgsm_rs_step(student, teacher, optimizer, x, y, hp, epoch):
         grad, = torch.autograd.grad(F.cross_entropy(student(x + delta).float(), y), delta)
         delta = clamp((delta.detach() + hp.alpha * grad.sign()).clamp(-eps, eps), -x, 1 - x)
         za = student(x + delta).float()
+    return _cross_entropy_update(optimizer, za, y)
+
+
+def n_fgsm_step(student, teacher, optimizer, x, y, hp, epoch):
+    """N-FGSM (de Jorge et al. 2022): noise U(-2eps, 2eps), one FGSM step, no projection to eps.
+
+    The perturbation may end up to 2*eps + alpha from x (only the [0, 1] box is
+    enforced): the stronger noise is what keeps single-step training from
+    catastrophic overfitting without clipping. Cross-entropy on y; no teacher.
+    """
+    noise = clamp(torch.empty_like(x).uniform_(-2 * hp.epsilon, 2 * hp.epsilon), -x, 1 - x)
+    delta = noise.requires_grad_(True)
+    with autocast(x.device, hp.amp):
+        grad, = torch.autograd.grad(F.cross_entropy(student(x + delta).float(), y), delta)
+        delta = clamp(delta.detach() + hp.alpha * grad.sign(), -x, 1 - x)
+        za = student(x + delta).float()
+    return _cross_entropy_update(optimizer, za, y)
+
+
+def pgd_at_step(student, teacher, optimizer, x, y, hp, epoch):
+    """PGD-AT (Madry et al. 2018): hp.attack_iters signed steps of hp.alpha from a uniform start.
+
+    Each step is projected back to the eps-ball and the [0, 1] box; cross-entropy
+    on y at the result. The model stays in train mode during the attack, as in
+    the fast adversarial training literature. No teacher.
+    """
+    eps = hp.epsilon
+    delta = clamp(torch.empty_like(x).uniform_(-eps, eps), -x, 1 - x)
+    with autocast(x.device, hp.amp):
+        for _ in range(hp.attack_iters):
+            delta.requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(student(x + delta).float(), y), delta)
+            delta = clamp((delta.detach() + hp.alpha * grad.sign()).clamp(-eps, eps), -x, 1 - x)
+        za = student(x + delta).float()
+    return _cross_entropy_update(optimizer, za, y)
+
+
+def _cross_entropy_update(optimizer, za, y):
+    """The baselines' update: one SGD step on cross-entropy at the adversarial logits ``za``."""
     loss = F.cross_entropy(za, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -246,4 +304,5 @@ def fgsm_rs_step(student, teacher, optimizer, x, y, hp, epoch):
 
 
 # --method: the step of each training method.
-STEPS = {'mixkl': mixkl_step, 'fgsm_rs': fgsm_rs_step}
+STEPS = {'mixkl': mixkl_step, 'fgsm_rs': fgsm_rs_step, 'n_fgsm': n_fgsm_step,
+         'pgd_at': pgd_at_step}

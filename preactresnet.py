@@ -1,8 +1,10 @@
 """PreActResNet-18 as used in the fast adversarial training literature.
 
-The model maps images in [0, 1] to logits (no input normalisation), so it can be
-handed to any attack library as it is. ``model(x, return_features=True)`` also
-returns the penultimate features that MIX-KL's consistency term compares.
+The model maps images in [0, 1] to logits, so it can be handed to any attack
+library as it is (an input normalisation, if any, is its first layer).
+``model(x, return_features=True)`` also returns the penultimate features that
+MIX-KL's consistency term compares: the pooled output of the last block, with
+no BN-ReLU after it.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,17 +33,20 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks, num_classes=10, width=64):
+    def __init__(self, num_blocks, num_classes=10, width=64, image_size=32, normalize=None):
         super().__init__()
         self.num_classes = num_classes
         self.width = width
         self.in_planes = width
+        self.normalize = normalize or nn.Identity()
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         self.layer1 = self._make_layer(width, num_blocks[0], stride=1)
         self.layer2 = self._make_layer(2 * width, num_blocks[1], stride=2)
         self.layer3 = self._make_layer(4 * width, num_blocks[2], stride=2)
         self.layer4 = self._make_layer(8 * width, num_blocks[3], stride=2)
-        self.linear = nn.Linear(8 * width, num_classes)
+        # A 4x4 average pool, as in the authors' models: one 512-d vector per 32x32 image,
+        # a 2x2 grid of them (2048-d) per 64x64 Tiny-ImageNet image.
+        self.linear = nn.Linear(8 * width * (image_size // 32) ** 2, num_classes)
 
     def _make_layer(self, planes, num_blocks, stride):
         layers = []
@@ -51,12 +56,12 @@ class PreActResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x, return_features=False):
-        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x))))))
         features = F.avg_pool2d(out, 4).flatten(1)
         logits = self.linear(features)
         return (logits, features) if return_features else logits
 
 
-def PreActResNet18(num_classes=10, width=64):
+def PreActResNet18(num_classes=10, width=64, image_size=32, normalize=None):
     """PreActResNet-18: blocks [2, 2, 2, 2], widths width x (1, 2, 4, 8)."""
-    return PreActResNet([2, 2, 2, 2], num_classes=num_classes, width=width)
+    return PreActResNet([2, 2, 2, 2], num_classes, width, image_size, normalize)

@@ -31,47 +31,87 @@ import plots
 from cli import (HelpFormatter, cuda_default, enable_fast_cuda, nonnegative, number_in_range,
                  pixel_units, positive_int, resolve_device, seed_int)
 from ddp import Distributed, SyncedTeacher, wrap_ddp
-from mixkl import STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, temperature
-from preactresnet import PreActResNet18
+from mixkl import (STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, momentum_at,
+                   temperature)
+from models import ARCHS, NORMALIZATION
+from models import build_model as build_architecture
 from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text, attack_fgsm,
-                   check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness, load_cifar,
-                   pgd_attack, safe_torch_load)
+                   check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
+                   load_dataset, pgd_attack, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
 # Command line
 
-DEFAULT_ALPHA = {'mixkl': 8.0, 'fgsm_rs': 10.0}
+DEFAULT_ALPHA = {'mixkl': 8.0, 'fgsm_rs': 10.0, 'n_fgsm': 8.0, 'pgd_at': 2.0}
 # Flags that may change when a run is resumed; every other one must match the run.
 RESUME_MAY_CHANGE = {'resume', 'device', 'data_dir', 'out_dir', 'amp', 'channels_last'}
+TRAINING_SCRIPTS = {'cifar10': 'MIX_KL_CIFAR10.py', 'cifar100': 'MIX_KL_CIFAR100.py',
+                    'tinyimagenet': 'MIX_KL_TinyImageNet.py'}
+
+# The authors' Tiny-ImageNet script differs from their CIFAR ones in these defaults (METHOD.md).
+DATASET_DEFAULTS = {
+    'tinyimagenet': dict(batch_size=64, lr_max=0.2, lamda=42.0, mixup_alpha=1.0, ema_value=0.55,
+                         ema_decay_max=0.55, con_reference='start', lr_schedule='cyclic',
+                         lr_peak_epoch=20.0, augment=False),
+}
+# What a run resumed from a checkpoint written before a flag existed had in its place.
+BEFORE_THE_FLAG = dict(arch='preactresnet18', val_examples=0, lr_peak_epoch=None,
+                       ema_decay_max=0.999, con_reference='clean', augment=True, attack_iters=10)
+
+
+def data_help(dataset):
+    if dataset == 'tinyimagenet':
+        return 'folder holding tiny-imagenet-200/ (train/<wnid>/images, val/images, ' \
+               'val/val_annotations.txt), or that folder itself'
+    return 'folder holding (or receiving) the python-pickle CIFAR files'
 
 
 def build_parser(dataset):
     name = DATASETS[dataset]['name']
     p = argparse.ArgumentParser(
-        description=f'Train PreActResNet-18 on {name} with MIX-KL (or a baseline).',
+        description=f'Train a robust network on {name} with MIX-KL (or a baseline).',
         formatter_class=HelpFormatter)
     io = p.add_argument_group('data and output')
     io.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data',
-                    help='folder holding (or receiving) the python-pickle CIFAR files')
+                    help=data_help(dataset))
     io.add_argument('--out_dir', '--out-dir', dest='out_dir', default='./output/',
                     help='a run directory is created inside it')
     io.add_argument('--resume', help='run directory (or its checkpoint.pth) to continue')
     io.add_argument('--train-examples', type=positive_int, help='use only the first N training images')
     io.add_argument('--eval-examples', type=positive_int, help='use only the first N test images')
+    io.add_argument('--val-examples', type=number_in_range(int, 0), default=0,
+                    help='hold the last N training images out, evaluate on them after every '
+                         'epoch and pick best_model.pth on them (Rice et al. 2020); 0: pick it '
+                         'on the test set, as the paper does')
 
     m = p.add_argument_group('method (defaults: METHOD.md)')
     m.add_argument('--method', choices=list(STEPS), default='mixkl',
-                   help='fgsm_rs: FGSM with uniform random start (Wong et al. 2020), no teacher')
+                   help='baselines, without a teacher: fgsm_rs, FGSM from a uniform random '
+                        'start (Wong et al. 2020); n_fgsm, FGSM from 2-eps noise, unprojected '
+                        '(de Jorge et al. 2022); pgd_at, PGD-10 (Madry et al. 2018)')
+    m.add_argument('--arch', choices=list(ARCHS), default='preactresnet18',
+                   help='resnet18: the authors\' default; wrn34-10: WideResNet-34-10')
     m.add_argument('--epochs', type=positive_int, default=110)
     m.add_argument('--batch-size', type=positive_int, default=128)
     m.add_argument('--lr-schedule', choices=['multistep', 'cyclic'], default='multistep')
+    m.add_argument('--lr-peak-epoch', type=number_in_range(float, 0, low_open=True), default=None,
+                   help='cyclic: the epoch where the learning rate peaks (default: half way)')
     m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
     m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
+    m.add_argument('--momentum-min', type=number_in_range(float, 0, 1), default=0.8,
+                   help='cyclic: momentum falls from --momentum to this as the learning rate '
+                        'rises to its peak, as torch\'s CyclicLR does in the authors\' runs; '
+                        'equal to --momentum keeps it constant')
     m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
     m.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
     m.add_argument('--alpha', type=pixel_units, default=None,
-                   help='FGSM step, in /255 (default 8 for mixkl, 10 for fgsm_rs)')
+                   help='attack step, in /255 (default 8 for mixkl and n_fgsm, 10 for fgsm_rs, '
+                        '2 for pgd_at)')
+    m.add_argument('--attack-iters', type=positive_int, default=10, help='pgd_at: PGD steps')
+    m.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True,
+                   help='random crop (4-pixel zero padding) and horizontal flip of the '
+                        'training images')
     m.add_argument('--delta-init', choices=['random', 'zero'], default='random',
                    help='zero: start the FGSM step at the mixed image itself')
     m.add_argument('--mixup-alpha', type=nonnegative, default=0.4, help='0 turns mixup off')
@@ -85,6 +125,11 @@ def build_parser(dataset):
                    help='weight of the KL term at tau0 (0 turns it off)')
     m.add_argument('--ema-value', type=number_in_range(float, 0, 1, low_open=True), default=0.82,
                    help='teacher update when adv/clean accuracy of the batch is below this')
+    m.add_argument('--ema-decay-max', type=number_in_range(float, 0, 1), default=0.999,
+                   help='the teacher\'s decay is min(this, (k+1)/(k+10)) after k updates')
+    m.add_argument('--con-reference', choices=['clean', 'start'], default='clean',
+                   help='consistency denominator: mse(xm+delta, xm), or mse(xm+delta, xm+delta0) '
+                        'as the authors\' Tiny-ImageNet script has it')
 
     e = p.add_argument_group('per-epoch evaluation')
     e.add_argument('--pgd-iters', type=positive_int, default=10)
@@ -95,7 +140,9 @@ def build_parser(dataset):
 
     r = p.add_argument_group('machine')
     r.add_argument('--seed', type=seed_int, default=0)
-    r.add_argument('--width', type=positive_int, default=64, help='PreActResNet-18 base width')
+    r.add_argument('--width', type=positive_int, default=None,
+                   help='base width of the ResNets (default 64), widen factor of the '
+                        'WideResNet (default 10)')
     r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
     r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast in the training forwards; evaluation stays fp32 '
@@ -107,14 +154,24 @@ def build_parser(dataset):
     r.add_argument('--sync-bn', action='store_true',
                    help='under torchrun: batch-norm statistics over the global batch '
                         '(SyncBatchNorm, CUDA only) instead of per process')
+    p.set_defaults(**DATASET_DEFAULTS.get(dataset, {}))
     return p
 
 
 def parse_args(dataset, argv=None):
     parser = build_parser(dataset)
     args = parser.parse_args(argv)
-    if args.alpha is None and not args.resume:  # a resumed run keeps its own step size
-        args.alpha = DEFAULT_ALPHA[args.method]
+    if not args.resume:  # a resumed run keeps its own settings
+        if args.alpha is None:
+            args.alpha = DEFAULT_ALPHA[args.method]
+        if args.width is None:
+            args.width = ARCHS[args.arch].default_width
+        if args.lr_peak_epoch is not None and args.lr_peak_epoch >= args.epochs:
+            parser.error(f'--lr-peak-epoch {args.lr_peak_epoch:g} must be below --epochs '
+                         f'{args.epochs}')
+        if args.lr_schedule == 'cyclic' and args.momentum_min > args.momentum:
+            parser.error(f'--momentum-min {args.momentum_min:g} must not exceed --momentum '
+                         f'{args.momentum:g}')
     try:
         torch.device(args.device or 'cpu')
     except RuntimeError as e:
@@ -139,7 +196,9 @@ def hyperparameters(args):
         epsilon=args.epsilon / 255, alpha=args.alpha / 255,
         mixup_alpha=args.mixup_alpha, delta_init=args.delta_init, lamda=args.lamda,
         tau0=args.tau0, gamma=args.gamma, tau_schedule=args.tau_schedule,
-        lambda_kl_base=args.lambda_kl_base, ema_value=args.ema_value, amp=args.amp)
+        lambda_kl_base=args.lambda_kl_base, ema_value=args.ema_value, amp=args.amp,
+        ema_decay_max=args.ema_decay_max, con_reference=args.con_reference,
+        attack_iters=args.attack_iters)
 
 
 # ---------------------------------------------------------------------------
@@ -156,9 +215,10 @@ def overfitting_alarm(fgsm_accs, pgd_accs):
 # Resumable state
 
 CHECKPOINT_FORMAT = 'mixkl-resumable-1'
+# The per-epoch evaluation fills test_* or, with --val-examples, val_*.
 METRIC_FIELDS = ['epoch', 'seconds', 'eval_seconds', 'lr', 'train_loss', 'train_acc', 'tau',
                  'kl_weight', 'teacher_updates', 'test_clean_acc', 'test_pgd_acc',
-                 'alarm_fgsm_acc', 'alarm_pgd_acc']
+                 'alarm_fgsm_acc', 'alarm_pgd_acc', 'val_clean_acc', 'val_pgd_acc']
 
 
 def rng_state():
@@ -189,11 +249,11 @@ def read_resume_checkpoint(args, parser):
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or checkpoint.get('format') != CHECKPOINT_FORMAT:
         raise InputError(f'--resume {path}: not a resumable checkpoint of this project')
-    saved = checkpoint['args']
+    saved = {**BEFORE_THE_FLAG, 'momentum_min': checkpoint['args']['momentum'],
+             **checkpoint['args']}
     if saved['dataset'] != args.dataset:
-        script = 'MIX_KL_CIFAR10.py' if saved['dataset'] == 'cifar10' else 'MIX_KL_CIFAR100.py'
         raise InputError(f'--resume {path}: that is a {DATASETS[saved["dataset"]]["name"]} run; '
-                         f'resume it with {script}')
+                         f'resume it with {TRAINING_SCRIPTS[saved["dataset"]]}')
     merged = dict(saved, device=args.device, resume=args.resume)
     for key in sorted(parser.given_flags - {'device', 'resume'}):
         value = getattr(args, key)
@@ -355,7 +415,11 @@ class Trainer:
             f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
 
     def config(self):
-        return {**vars(self.args), 'device_used': str(self.device), 'torch': torch.__version__,
+        a = self.args
+        chosen_on = (f'{a.val_examples} held-out training images (--val-examples)'
+                     if a.val_examples else 'the test set, as in the paper')
+        return {**vars(self.args), 'best_model_chosen_on': chosen_on,
+                'device_used': str(self.device), 'torch': torch.__version__,
                 'world_size': self.dist.world_size, 'threads': torch.get_num_threads(),
                 'data_sha256': self.data_sha256,
                 'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
@@ -366,30 +430,40 @@ class Trainer:
         if not self.dist.is_main:
             self.dist.barrier()
         quiet = not self.dist.is_main
-        x_train, y_train = load_cifar(a.dataset, a.data_dir, train=True, quiet=quiet)
-        x_test, y_test = load_cifar(a.dataset, a.data_dir, train=False, quiet=quiet)
+        x_train, y_train = load_dataset(a.dataset, a.data_dir, train=True, quiet=quiet)
+        x_test, y_test = load_dataset(a.dataset, a.data_dir, train=False, quiet=quiet)
         if self.dist.is_main:
             self.dist.barrier()
         self.data_sha256 = data_digest(x_train, y_train, x_test, y_test)
+        if a.val_examples:
+            # The per-epoch evaluation (and best_model.pth) sees the held-out images, never the test set.
+            if a.val_examples >= len(y_train):
+                raise InputError(f'--val-examples {a.val_examples} leaves no training images '
+                                 f'(there are {len(y_train)})')
+            x_test, y_test = x_train[-a.val_examples:], y_train[-a.val_examples:]
+            x_train, y_train = x_train[:-a.val_examples], y_train[:-a.val_examples]
         x_train, y_train = x_train[:a.train_examples], y_train[:a.train_examples]
         x_test, y_test = x_test[:a.eval_examples], y_test[:a.eval_examples]
         self.train_loader = CifarLoader(x_train, y_train, a.batch_size, self.device, train=True,
                                         seed=a.seed, rank=self.dist.rank,
-                                        world_size=self.dist.world_size)
+                                        world_size=self.dist.world_size, augment=a.augment)
         check_shares(len(y_train), a.batch_size, self.dist.world_size)
-        self.test_loader = CifarLoader(x_test, y_test, a.eval_batch_size, self.device, train=False)
+        # The images evaluated after every epoch: the test set, or the held-out validation images.
+        self.eval_loader = CifarLoader(x_test, y_test, a.eval_batch_size, self.device, train=False)
         n = a.alarm_examples
         self.alarm_batch = (x_train[:n].to(self.device).float() / 255, y_train[:n].to(self.device))
 
     def _build_models(self):
         a = self.args
-        self.student = build_model(self.hp.num_classes, a.width, self.device, a.channels_last)
+        self.student = build_model(a.arch, a.dataset, a.width, self.device, a.channels_last)
         # Under torchrun every rank starts from rank 0's initialisation (the single-process one).
         self.dist.broadcast_(list(self.student.state_dict().values()))
         self.teacher = None
         if a.method == 'mixkl':
-            self.teacher = (SyncedTeacher(self.student, self.hp.ema_value, self.dist)
-                            if self.dist.enabled else ConditionalEMA(self.student, self.hp.ema_value))
+            hp = self.hp
+            self.teacher = (SyncedTeacher(self.student, hp.ema_value, hp.ema_decay_max, self.dist)
+                            if self.dist.enabled
+                            else ConditionalEMA(self.student, hp.ema_value, hp.ema_decay_max))
         # What the step trains: under torchrun the DDP-wrapped student (gradients averaged).
         self.trained = self.student
         if self.dist.enabled:
@@ -399,8 +473,18 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=a.lr_max,
                                          momentum=a.momentum, weight_decay=a.weight_decay)
         total = a.epochs * len(self.train_loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: lr_factor(it, total, a.lr_schedule))
+        peak = a.lr_peak_epoch / a.epochs if a.lr_peak_epoch is not None else 0.5
+        self.lr_at = lambda it: lr_factor(it, total, a.lr_schedule, peak)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_at)
+        self._cycle_momentum()
+
+    def _cycle_momentum(self):
+        """Under the cyclic schedule, the momentum of the scheduler's current iteration."""
+        a = self.args
+        if a.lr_schedule == 'cyclic' and a.momentum_min != a.momentum:
+            momentum = momentum_at(self.lr_at(self.scheduler.last_epoch), a.momentum, a.momentum_min)
+            for group in self.optimizer.param_groups:
+                group['momentum'] = momentum
 
     def models(self):
         """{'student': ..., 'teacher': ...}: what training changes (the teacher if MIX-KL)."""
@@ -416,8 +500,10 @@ class Trainer:
     def fit(self):
         a = self.args
         self.log(f'run directory: {self.run_dir}')
-        self.log(f'{a.method} on {a.dataset}: {len(self.train_loader.labels)} training images, '
-                 f'{len(self.test_loader.labels)} test images, device {self.device}, '
+        evaluated = 'validation' if a.val_examples else 'test'
+        self.log(f'{a.method} on {a.dataset}, {a.arch} (width {a.width}): '
+                 f'{len(self.train_loader.labels)} training images, '
+                 f'{len(self.eval_loader.labels)} {evaluated} images, device {self.device}, '
                  f'epochs {self.epoch + 1}..{a.epochs}')
         with StopSignal() as stop:
             for epoch in range(self.epoch, a.epochs):
@@ -447,7 +533,8 @@ class Trainer:
                 else 'the student was'
             self.log(f'{models} bitwise identical on all {self.dist.world_size} processes '
                      'after every epoch')
-        self.log(f'done: best test PGD accuracy {self.best_pgd:.4f}; '
+        self.log(f'done: best {"validation" if a.val_examples else "test"} PGD accuracy '
+                 f'{self.best_pgd:.4f}; '
                  f'best_model.pth and final_model.pth in {self.run_dir}')
         self.release()
         return 0
@@ -473,6 +560,7 @@ class Trainer:
                 return False
             result = step(self.trained, self.teacher, self.optimizer, x, y, self.hp, epoch)
             self.scheduler.step()
+            self._cycle_momentum()
             self._record(epoch, result, stop)
             batches.set_postfix(loss=f'{self.stats["loss"] / self.stats["n"]:.3f}')
         self.stats['seconds'] += time.time() - start
@@ -520,7 +608,7 @@ class Trainer:
             with stop.interrupting() if not self.dist.enabled else contextlib.nullcontext(), \
                     cudnn_autotuning(False):  # PGD's batches shrink as it breaks examples
                 clean, pgd = evaluate_robustness(
-                    self.eval_model, self.test_loader.batches(), self.hp.epsilon,
+                    self.eval_model, self.eval_loader.batches(), self.hp.epsilon,
                     self.pgd_alpha, a.pgd_iters, dist=self.dist,
                     seed=a.seed * 100003 + epoch if self.dist.enabled else None)
                 alarm_fgsm, alarm_pgd = self._alarm_accuracies()
@@ -537,8 +625,9 @@ class Trainer:
                    train_acc=self.stats['correct'] / self.stats['n'],
                    tau=tau, kl_weight=kl_weight(tau, a.tau0, a.lambda_kl_base),
                    teacher_updates=self.stats['teacher_updates'],
-                   test_clean_acc=clean, test_pgd_acc=pgd,
                    alarm_fgsm_acc=alarm_fgsm, alarm_pgd_acc=alarm_pgd)
+        split = 'val' if a.val_examples else 'test'
+        row.update({f'{split}_clean_acc': clean, f'{split}_pgd_acc': pgd})
         self.history.append(row)
         if pgd > self.best_pgd:
             self.best_pgd = pgd
@@ -551,7 +640,7 @@ class Trainer:
         self.log(f'epoch {epoch + 1}/{a.epochs}  {row["seconds"]:.1f}s+{row["eval_seconds"]:.1f}s  '
                  f'lr {row["lr"]:.4g}  loss {row["train_loss"]:.4f}  train acc {row["train_acc"]:.4f}  '
                  f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
-                 f'test clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
+                 f'{split} clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
         if overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
                              [r['alarm_pgd_acc'] for r in self.history]):
             self.log(f'WARNING: catastrophic overfitting? On {len(self.alarm_batch[1])} training '
@@ -722,9 +811,15 @@ def check_shares(n, batch_size, world_size):
                          f'{world_size} processes; change --batch-size or --train-examples')
 
 
-def build_model(num_classes, width, device, channels_last):
-    """PreActResNet-18 on ``device``; channels_last: the memory format convolutions run fastest in on CUDA."""
-    model = PreActResNet18(num_classes, width).to(device)
+def build_model(arch, dataset, width, device, channels_last):
+    """A fresh ``arch`` network for ``dataset`` on ``device``.
+
+    Tiny-ImageNet's models normalise their input as the authors' loader did;
+    channels_last is the memory format convolutions run fastest in on CUDA.
+    """
+    spec = DATASETS[dataset]
+    model = build_architecture(arch, spec['num_classes'], width, spec['image_size'],
+                               NORMALIZATION.get(dataset)).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 DATASETS = {
     'cifar10': dict(folder='cifar-10-batches-py', num_classes=10, label_key='labels',
                     train_files=[f'data_batch_{i}' for i in range(1, 6)],
-                    test_files=['test_batch'], name='CIFAR-10',
+                    test_files=['test_batch'], name='CIFAR-10', image_size=32,
                     url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'),
     'cifar100': dict(folder='cifar-100-python', num_classes=100, label_key='fine_labels',
-                     train_files=['train'], test_files=['test'], name='CIFAR-100',
+                     train_files=['train'], test_files=['test'], name='CIFAR-100', image_size=32,
                      url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'),
 }
 
@@ -366,6 +366,10 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def load_dataset(dataset, data_dir, train, quiet=False):  # STUB, replaced at merge
+    return load_cifar(dataset, data_dir, train, quiet=quiet)
+
+
 def _read_file(path):
     """The bytes of ``path``; an OSError (permissions, I/O) becomes a one-line InputError."""
     try:
@@ -397,17 +401,19 @@ def crop_flip(images, dy, dx, flip, pad=4):
 class CifarLoader:
     """Batches of a CIFAR split that lives on ``device`` as uint8.
 
-    With ``train=True`` every epoch has its own order, crop offsets and flips,
-    drawn from a generator seeded by (seed, epoch): an epoch can be replayed
-    from any step, which is what resuming needs. The last, smaller batch is kept.
-    Under ``world_size > 1`` each rank takes its share of every global batch.
+    With ``train=True`` every epoch has its own order, crop offsets and flips
+    (``augment=False``: the order alone), drawn from a generator seeded by
+    (seed, epoch): an epoch can be replayed from any step, which is what
+    resuming needs. The last, smaller batch is kept. Under ``world_size > 1``
+    each rank takes its share of every global batch.
     """
 
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1,
+                 augment=True):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.augment = rank, world_size, augment
 
     def __len__(self):
         return -(-len(self.labels) // self.batch_size)
@@ -418,6 +424,8 @@ class CifarLoader:
             return torch.arange(n), None
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         order = torch.randperm(n, generator=g)
+        if not self.augment:
+            return order, None
         offsets = torch.randint(0, 9, (2, n), generator=g)
         flips = torch.randint(0, 2, (n,), generator=g).bool()
         return order, (offsets, flips)
@@ -684,14 +692,16 @@ def strip_prefixes(state_dict):
     return out
 
 
-def load_model_weights(path, model_factory, num_classes, width=None, script=''):
-    """Build a model from a checkpoint's state_dict, checking it fits.
+def load_model_weights(path, dataset, arch=None, width=None, script=''):
+    """Build the network a checkpoint's state_dict holds, checking it fits ``dataset``.
 
-    ``model_factory(num_classes, width)`` builds the architecture; the width
-    is read from the checkpoint when not given. Raises InputError, naming the
-    problem, for anything that is not a matching state_dict, and for weights
-    holding NaN or inf: their model would be evaluated as if it were a result.
+    The architecture is read from the state_dict's keys (``arch`` overrides it),
+    the width and the number of classes from its shapes (``width``, if given,
+    must match). Raises InputError, naming the problem, for anything that is
+    not a matching state_dict, and for weights holding NaN or inf: their model
+    would be evaluated as if it were a result.
     """
+    from models import ARCHS, NORMALIZATION, build_model, detect_arch, num_classes_of, width_of
     state = safe_torch_load(path)
     if isinstance(state, dict) and 'teacher' in state and 'student' in state:
         raise InputError(f'{path} is a resumable training checkpoint; evaluate best_model.pth '
@@ -700,13 +710,17 @@ def load_model_weights(path, model_factory, num_classes, width=None, script=''):
             not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f'{path} does not hold a state_dict (a dict of tensors)')
     state = strip_prefixes(state)
-    if 'conv1.weight' not in state or 'linear.weight' not in state:
-        raise InputError(f'{path} is not a PreActResNet-18 checkpoint '
-                         '(no conv1.weight / linear.weight)')
-    found_classes, found_width = state['linear.weight'].shape[0], state['conv1.weight'].shape[0]
-    if found_classes != num_classes:
+    arch = arch or detect_arch(state)
+    if arch is None:
+        raise InputError(f'{path} is not a checkpoint of {", ".join(ARCHS)} (its keys are '
+                         f'none of theirs); --arch names the architecture')
+    spec, head = DATASETS[dataset], f'{ARCHS[arch].head}.weight'
+    if head not in state or ARCHS[arch].width_key not in state:
+        raise InputError(f'{path} is not a {arch} checkpoint (no {head})')
+    found_classes, found_width = num_classes_of(arch, state), width_of(arch, state)
+    if found_classes != spec['num_classes']:
         raise InputError(f'{path} is a {found_classes}-class model; {script} evaluates '
-                         f'{num_classes}-class models')
+                         f'{spec["num_classes"]}-class models')
     if width is not None and width != found_width:
         raise InputError(f'{path} has width {found_width}, not --width {width}')
     not_finite = [key for key, value in state.items()
@@ -714,10 +728,13 @@ def load_model_weights(path, model_factory, num_classes, width=None, script=''):
     if not_finite:
         raise InputError(f'{path}: {len(not_finite)} tensor(s) hold NaN or inf '
                          f'({one_line(", ".join(not_finite), 120)}); these weights are unusable')
-    model = model_factory(num_classes, found_width)
+    model = build_model(arch, found_classes, found_width, spec['image_size'],
+                        NORMALIZATION.get(dataset))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise InputError(f'{path} does not fit PreActResNet-18 of width {found_width}: '
+        raise InputError(f'{path} does not fit {arch} of width {found_width} for '
+                         f'{spec["image_size"]}x{spec["image_size"]} images: '
                          + ' '.join(str(e).split())[:300])
+    model.arch = arch
     return model

@@ -175,7 +175,7 @@ def save(obj, path):
 def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path):
     model = PreActResNet18(10, width=8)
     prefixed = {'module.' + k: v for k, v in model.state_dict().items()}
-    loaded = load_model_weights(save(prefixed, tmp_path / 'ddp.pth'), PreActResNet18, 10)
+    loaded = load_model_weights(save(prefixed, tmp_path / 'ddp.pth'), 'cifar10')
     assert loaded.width == 8
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
                                                  model.state_dict().values()))
@@ -186,10 +186,10 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path):
     ([1, 2, 3], None, 'does not hold a state_dict'),
     ('cifar100', None, 'is a 100-class model; test_cifar10.py evaluates 10-class models'),
     ('width8', 16, 'has width 8, not --width 16'),
-    ('linear', None, 'is not a PreActResNet-18 checkpoint'),
+    ('linear', None, 'is not a checkpoint of preactresnet18, resnet18, wrn34-10'),
     ('truncated', None, 'not a loadable PyTorch weights file'),
     ('resumable', None, 'is a resumable training checkpoint'),
-    ('extra-key', None, 'does not fit PreActResNet-18 of width 8'),
+    ('extra-key', None, 'does not fit preactresnet18 of width 8 for 32x32 images'),
     ('nan', None, r'1 tensor\(s\) hold NaN or inf \(conv1.weight\); these weights are unusable'),
     ('inf', None, r'2 tensor\(s\) hold NaN or inf \(layer4.1.bn2.running_var, linear.weight\)'),
 ])
@@ -219,7 +219,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
     elif content is not None:
         save(content, path)
     with pytest.raises(InputError, match=message):
-        load_model_weights(str(path), PreActResNet18, 10, width, 'test_cifar10.py')
+        load_model_weights(str(path), 'cifar10', None, width, 'test_cifar10.py')
 
 
 def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path):
@@ -227,7 +227,7 @@ def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path
     path = save({'conv1.weight': torch.zeros(1), 'x': CreatesAFile(str(victim))},
                 tmp_path / 'evil.pth')
     with pytest.raises(InputError, match='not a loadable PyTorch weights file'):
-        load_model_weights(path, PreActResNet18, 10)
+        load_model_weights(path, 'cifar10')
     assert not victim.exists()
 
 

@@ -75,7 +75,7 @@ def test_ablation_trains_end_to_end(name, data_dir, baseline, tmp_path):
     assert [r['epoch'] for r in rows] == [1, 2]
     assert all(np.isfinite(r['train_loss']) for r in rows)
     for checkpoint in ('best_model.pth', 'final_model.pth'):
-        model = load_model_weights(os.path.join(run_dir, checkpoint), PreActResNet18, 10)
+        model = load_model_weights(os.path.join(run_dir, checkpoint), 'cifar10')
         assert model.width == 8
     # Same seed, same data: the flag must reach the loss.
     epoch = changed_epoch - 1

@@ -125,6 +125,13 @@ def test_consistency_term_by_hand():
     # No perturbation: the denominator is 0.125 alone.
     assert mixkl.consistency_loss(adv, clean, adv_features, start_features, xm, 0 * delta).item() \
         == pytest.approx(expected * 0.1875 / 0.125, rel=1e-5)
+    # From the start (Tiny-ImageNet): delta0 = 0.25 in the same pixel leaves 0.25^2 / 4 in the
+    # denominator; delta0 = delta leaves 0.125 alone.
+    from_start = mixkl.consistency_loss(adv, clean, adv_features, start_features, xm, delta,
+                                        delta / 2)
+    assert from_start.item() == pytest.approx(expected * 0.1875 / (0.015625 + 0.125), rel=1e-5)
+    assert mixkl.consistency_loss(adv, clean, adv_features, start_features, xm, delta,
+                                  delta).item() == pytest.approx(expected * 0.1875 / 0.125, rel=1e-5)
 
 
 class TinyNet(nn.Module):
@@ -215,8 +222,13 @@ EPS, ALPHA, LAMDA, TAU0, GAMMA, KL_BASE, EMA_VALUE, MIXUP = 8 / 255, 8 / 255, 12
     0.82, 0.4
 
 
-def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epoch):
-    """METHOD.md steps 1-7, line by line. Returns (loss, delta, adv_ok, teacher updated)."""
+def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epoch,
+                   lamda=LAMDA, decay_max=0.999, from_start=False):
+    """METHOD.md steps 1-7, line by line. Returns (loss, delta, adv_ok, teacher updated).
+
+    ``from_start``, ``decay_max``: the Tiny-ImageNet script's consistency denominator
+    mse(xm+delta, xm+delta0) and its teacher decay cap (METHOD.md, Tiny-ImageNet).
+    """
     tau = TAU0 * GAMMA ** epoch
     w_kl = KL_BASE * (tau / TAU0) ** 2
     # 1. mixup
@@ -243,8 +255,9 @@ def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epo
     def mse(a, b):
         return ((a - b) ** 2).mean()
 
+    reference = xm + delta0.detach() if from_start else xm
     con = (mse(torch.softmax(za, 1), torch.softmax(zc, 1))
-           + mse(torch.softmax(fa, 1), torch.softmax(feat0, 1))) / (mse(xm + delta, xm) + 0.125)
+           + mse(torch.softmax(fa, 1), torch.softmax(feat0, 1))) / (mse(xm + delta, reference) + 0.125)
 
     def geo(z):
         p = torch.softmax(z / tau, 1) ** (1 / tau)
@@ -252,7 +265,7 @@ def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epo
 
     pt, ps = geo(zt), geo(za)
     kl = tau ** 2 * (pt * (torch.log(pt) - torch.log(ps + 1e-8))).sum() / len(x)
-    loss = ce + LAMDA * con + w_kl * kl
+    loss = ce + lamda * con + w_kl * kl
     # 6. SGD step
     optimizer.zero_grad()
     loss.backward()
@@ -262,7 +275,7 @@ def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epo
     adv_ok = (za.argmax(1) == y).sum().item()
     update = adv_ok / (clean_ok + 1e-8) < EMA_VALUE
     if update:
-        decay = min(0.999, (updates + 1) / (updates + 10))
+        decay = min(decay_max, (updates + 1) / (updates + 10))
         with torch.no_grad():
             s = student.state_dict()
             for name, t in teacher.state_dict().items():
@@ -272,16 +285,23 @@ def method_md_step(student, teacher, updates, optimizer, x, y, lam, perm, u, epo
 
 # Two batches from the same weights: on the first, adversarial/clean correct = 4/5 = 0.8 (the
 # teacher is updated); on the second 7/8 = 0.875 (it is not). Between them lies 0.82.
-@pytest.mark.parametrize('seed, ratio', [(27, 0.8), (215, 0.875)])
-def test_one_step_equals_method_md_written_out(seed, ratio):
-    hp = flag_hyperparameters()  # the training script's defaults
+# The third case is the first batch with the Tiny-ImageNet script's step: lamda 42, the
+# denominator from xm + delta0, and the decay capped at 0.55 (k = 20: 21/30 = 0.7 > 0.55).
+TINY_STEP = ['--lamda', '42', '--con-reference', 'start', '--ema-decay-max', '0.55']
+
+
+@pytest.mark.parametrize('seed, ratio, flags, updates', [(27, 0.8, [], 5), (215, 0.875, [], 5),
+                                                         (27, 0.8, TINY_STEP, 20)])
+def test_one_step_equals_method_md_written_out(seed, ratio, flags, updates, monkeypatch):
+    hp = flag_hyperparameters(*flags)  # the training script's defaults
+    tiny = dict(lamda=42, decay_max=0.55, from_start=True) if flags else {}
     epoch = 30                   # tau = 2 * 0.99^30: tau != tau0, so both tau factors matter
     torch.manual_seed(0)
     student = PreActResNet18(10, width=4).train()
-    teacher = mixkl.ConditionalEMA(student, hp.ema_value)
+    teacher = mixkl.ConditionalEMA(student, hp.ema_value, hp.ema_decay_max)
     torch.manual_seed(1)  # a teacher unlike the student, so the KL term is large
     teacher.model.load_state_dict(PreActResNet18(10, width=4).state_dict())
-    teacher.updates = 5   # decay 6/15
+    teacher.updates = updates  # decay 6/15, or 0.55 for k = 20
     g = torch.Generator().manual_seed(1000 + seed)
     x, y = torch.rand(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
 
@@ -293,10 +313,17 @@ def test_one_step_equals_method_md_written_out(seed, ratio):
     lam = float(np.random.beta(MIXUP, MIXUP))
     perm = torch.randperm(32)
     u = torch.empty_like(x).uniform_(-EPS, EPS)
-    loss, delta, adv_ok, updated = method_md_step(*ours, 5, ours_opt, x, y, lam, perm, u, epoch)
+    loss, delta, adv_ok, updated = method_md_step(*ours, updates, ours_opt, x, y, lam, perm, u,
+                                                  epoch, **tiny)
 
     inputs = []  # of every forward of the student
     student.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    # The two denominators agree in expectation (delta - delta0 and delta take the values
+    # eps/2 and eps equally often), so the numbers alone barely tell them apart: record delta0.
+    references = []
+    consistency = mixkl.consistency_loss
+    monkeypatch.setattr(mixkl, 'consistency_loss', lambda *args: references.append(args[6])
+                        or consistency(*args))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -305,12 +332,16 @@ def test_one_step_equals_method_md_written_out(seed, ratio):
     xm = lam * x + (1 - lam) * x[perm]
     assert torch.allclose(inputs[2], xm, atol=1e-6), 'the third forward is the clean one'
     torch.testing.assert_close(inputs[1] - xm, delta, rtol=0, atol=1e-6)
+    if flags:
+        torch.testing.assert_close(references[0], inputs[0] - xm, rtol=0, atol=1e-6)
+    else:
+        assert references == [None]
     assert result.loss == pytest.approx(loss, rel=1e-5, abs=1e-5)
     for (name, p), q in zip(student.named_parameters(), ours[0].parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
     assert (result.teacher_updated, updated) == (ratio < 0.82, ratio < 0.82)
-    assert teacher.updates == 5 + updated
+    assert teacher.updates == updates + updated
     assert (result.correct, result.n) == (adv_ok, 32)
     for (name, t), r in zip(teacher.model.state_dict().items(), ours[1].state_dict().values()):
         torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-5, msg=name)
