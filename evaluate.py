@@ -3,12 +3,16 @@
 ``test_cifar10.py`` and ``test_cifar100.py`` only name the dataset and call
 ``main``. Every attack runs in fp32 on the model in eval mode, on images in
 [0, 1]; the numbers come back from ``evaluate_checkpoint`` and are printed
-and saved afterwards.
+and saved afterwards. Each distinct file content is attacked once: a checkpoint
+with the same SHA-256 as an earlier one is reported with its numbers
+(``same_as`` in results.json).
 """
 import argparse
+import copy
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -111,14 +115,17 @@ def run_attack(model, name, x, y, args, log_path):
 
 
 def run_autoattack(model, x, y, epsilon, args, log_path):
-    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from the pyautoattack package."""
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from the pyautoattack package.
+
+    Its whole log goes to ``log_path``; its progress (attack, batches, robust
+    accuracy after each attack) is echoed to stdout by ``AutoAttackProgress``.
+    """
     from pyautoattack import AutoAttack
     logger = logging.getLogger('auto-attack')
     logger.setLevel(logging.DEBUG)
     handler = logging.FileHandler(log_path, mode='w')
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-    echo = logging.StreamHandler(sys.stdout)
-    echo.addFilter(lambda record: 'robust accuracy' in record.getMessage())
+    echo = AutoAttackProgress()
     logger.addHandler(handler)
     logger.addHandler(echo)
     try:
@@ -136,6 +143,73 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
     correct, _ = evaluate_batches(model, in_batches(x_adv, y, args.batch_size))
     return correct, dict(version='standard', log=os.path.basename(log_path),
                          max_perturbation=max_perturbation)
+
+
+class AutoAttackProgress(logging.Handler):
+    """Echoes pyautoattack's progress messages to stdout, one short line each.
+
+    pyautoattack has no progress callback; it logs (at DEBUG) the attacks it
+    will run, 'running <attack>', '<attack> - <batch>/<batches> - <k> out of
+    <n> successfully perturbed' after every batch and 'robust accuracy after
+    <ATTACK>: ...' after every attack. Those become lines such as
+    'AutoAttack 2/4 APGD-T: batch 3/20, 41 of 500 broken'. Its warnings
+    (randomised or dynamic model, too few classes, ...) are shown as they are;
+    other messages only go to the log file.
+    """
+    PATTERNS = {
+        'version': re.compile(r'using (\S+) version including (.*?)\.?$'),
+        'initial': re.compile(r'initial accuracy: (\S+)$'),
+        'running': re.compile(r'running (\S+)$'),
+        'batch': re.compile(r'(\S+) - (\d+)/(\d+) - (\d+) out of (\d+) successfully perturbed$'),
+        'after': re.compile(r'robust accuracy after (\S+): (\S+) \(total time ([\d.]+) s\)$'),
+        'final': re.compile(r'robust accuracy: (\S+)$'),
+        'none_left': re.compile(r'no robust datapoints left'),
+    }
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.attacks = []
+
+    def emit(self, record):
+        try:
+            line = self.progress_line(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if line is not None:
+            print(f'    {line}', file=sys.stdout, flush=True)  # sys.stdout as it is now
+
+    def progress_line(self, record):
+        """The console line for one log record, or None for a log-file-only message."""
+        message = record.getMessage().strip()
+        found = {kind: p.match(message) for kind, p in self.PATTERNS.items()}
+        if found['version']:
+            self.attacks = [a.strip() for a in found['version'].group(2).split(',')]
+            return f'AutoAttack ({found["version"].group(1)}): {", ".join(self.attacks)}'
+        if found['initial']:
+            return f'AutoAttack: {found["initial"].group(1)} correct before attacking'
+        if found['running']:
+            return f'AutoAttack {self.numbered(found["running"].group(1))}: running'
+        if found['batch']:
+            attack, batch, batches, broken, n = found['batch'].groups()
+            return (f'AutoAttack {self.numbered(attack)}: batch {batch}/{batches}, '
+                    f'{broken} of {n} broken')
+        if found['after']:
+            attack, accuracy, seconds = found['after'].groups()
+            return (f'AutoAttack {self.numbered(attack.lower())}: {accuracy} robust '
+                    f'({float(seconds):.1f} s so far)')
+        if found['final']:
+            return f'AutoAttack: {found["final"].group(1)} robust after all attacks'
+        if found['none_left'] or record.levelno >= logging.WARNING:
+            return f'AutoAttack: {message}'
+        return None
+
+    def numbered(self, attack):
+        """'apgd-t' -> '2/4 APGD-T' (its place among the attacks to run)."""
+        name = 'Square' if attack == 'square' else attack.upper()
+        if attack in self.attacks:
+            return f'{self.attacks.index(attack) + 1}/{len(self.attacks)} {name}'
+        return name
 
 
 def evaluate_checkpoint(model, x, y, args, log_prefix, after_each=None):
@@ -169,8 +243,13 @@ def run(dataset, args):
     device = resolve_device(args.device)
     script = os.path.basename(sys.argv[0])
     check_writable_dir(args.out_dir, '--out_dir')  # before the hours of attacks, not after
-    paths = checkpoint_paths(args.model_path)
-    models = [load_model_weights(p, dataset, args.arch, args.width, script) for p in paths]
+    paths = distinct_paths(checkpoint_paths(args.model_path))
+    digests = [checkpoint_digest(p) for p in paths]
+    # One model per file content: best_model.pth and final_model.pth are often the same bytes.
+    models = {}
+    for path, digest in zip(paths, digests):
+        if digest not in models:
+            models[digest] = load_model_weights(path, dataset, args.arch, args.width, script)
     x, y = load_dataset(dataset, args.data_dir, train=False)
     if args.n_ex > len(y):
         print(f'note: --n_ex {args.n_ex} but the test set has {len(y)} images; using all')
@@ -184,21 +263,58 @@ def run(dataset, args):
     # A new file each time: an earlier evaluation's results.json is kept.
     results_path = create_new_text_file(args.out_dir, 'results.json', json.dumps(report, indent=2))
     print(f'results go to {results_path}')
-    for path, model in zip(paths, models):
+
+    def save():
+        atomic_write_text(results_path, json.dumps(report, indent=2))
+    attacked = {}  # sha256 -> the entry of the first checkpoint with that content
+    for path, digest in zip(paths, digests):
+        model, earlier = models[digest], attacked.get(digest)
+        entry = dict(checkpoint=os.path.abspath(path), sha256=digest, arch=model.arch,
+                     width=model.width, num_classes=num_classes, attacks={})
+        report['results'].append(entry)
+        if earlier is not None:
+            # Same bytes, same numbers: reported under this name too, not attacked again.
+            entry['same_as'] = earlier['checkpoint']
+            entry['attacks'] = copy.deepcopy(earlier['attacks'])
+            save()
+            print(f'{path}: same file content as {os.path.relpath(earlier["checkpoint"])}: '
+                  'not attacked again')
+            continue
+        attacked[digest] = entry
         print(f'{path}: {len(y)} test images, eps {args.epsilon:g}/255, device {device}')
         log_prefix = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0]
                                   + numbered_suffix(results_path))
-        entry = dict(checkpoint=os.path.abspath(path), sha256=sha256_file(path),
-                     arch=model.arch, width=model.width, num_classes=num_classes, attacks={})
-        report['results'].append(entry)
 
-        def save(results):  # after every attack: a crash in AutoAttack keeps the PGD numbers
+        def save_attacks(results, entry=entry):  # after every attack: a crash keeps the others
             entry['attacks'] = results
-            atomic_write_text(results_path, json.dumps(report, indent=2))
-        evaluate_checkpoint(model.to(device), x, y, args, log_prefix, after_each=save)
+            save()
+        evaluate_checkpoint(model.to(device), x, y, args, log_prefix, after_each=save_attacks)
     print('\n' + format_table(report))
     print(f'\nresults: {results_path}')
     return report
+
+
+def checkpoint_digest(path):
+    """The SHA-256 of a checkpoint file; a missing or unreadable one is an InputError."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such file')
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise InputError(f'{path}: cannot be read ({e.strerror})')
+
+
+def distinct_paths(paths):
+    """``paths`` without repeats of a file already named (by another path or a symlink)."""
+    seen, out = set(), []
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            print(f'note: {path} is named more than once; it is evaluated once')
+            continue
+        seen.add(key)
+        out.append(path)
+    return out
 
 
 def numbered_suffix(results_path):

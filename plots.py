@@ -24,6 +24,15 @@ def plot_curves(rows, path):
     A collapse of the alarm's PGD curve while its FGSM curve stays up is
     catastrophic overfitting.
     """
+    fig = curves_figure(rows)
+    image = io.BytesIO()
+    fig.savefig(image, format='png')
+    atomic_write_bytes(path, image.getvalue())
+    return [ax.get_title() for ax in fig.axes]
+
+
+def curves_figure(rows):
+    """The 2x2 matplotlib Figure of ``plot_curves``, not yet drawn."""
     # Imported here so that starting a training run does not pay for matplotlib.
     # Figure without pyplot renders with Agg and needs no display.
     from matplotlib.figure import Figure
@@ -36,10 +45,18 @@ def plot_curves(rows, path):
             ax.plot(epochs, [float(row[column]) for row in rows], marker='.', label=label)
         ax.set_title(title)
         ax.set_xlabel('epoch')
+        whole_epoch_ticks(ax)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    image = io.BytesIO()
-    fig.savefig(image, format='png')
-    atomic_write_bytes(path, image.getvalue())
-    return [ax.get_title() for ax in axes]
+    return fig
+
+
+def whole_epoch_ticks(ax):
+    """Ticks on the x axis only at whole epochs, even for a run of one epoch.
+
+    (MaxNLocator's default min_n_ticks=2 would fall back to ticks such as
+    0.99 and 1.005 when only one integer is in view.)
+    """
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))

@@ -20,13 +20,15 @@ import training
 from cli import cuda_default
 from utils import DATASETS, InputError, sha256_file
 
-# Where files are, not how the model was trained; the method has its own column.
-NOT_SHOWN_FLAGS = {'data_dir', 'out_dir', 'resume', 'device', 'method'}
+# Where files are, not how the model was trained; the method and arch have their own columns.
+NOT_SHOWN_FLAGS = {'data_dir', 'out_dir', 'resume', 'device', 'method', 'arch'}
 METRIC_COLUMNS = ['epoch', 'seconds', 'eval_seconds', 'test_clean_acc', 'test_pgd_acc']
 CHECKPOINTS = ['best_model.pth', 'final_model.pth']
 TEST_SET_SIZE = 10000
-HEADER = ['run', 'dataset', 'method', 'changed flags', 'epochs', 'best epoch', 'best clean',
-          'best PGD', 'final clean', 'final PGD', 'AA best', 'AA final', 'minutes']
+# Runs from before the --arch flag trained PreActResNet-18.
+DEFAULT_ARCH = 'preactresnet18'
+HEADER = ['run', 'dataset', 'arch', 'method', 'changed flags', 'epochs', 'best epoch',
+          'best clean', 'best PGD', 'final clean', 'final PGD', 'AA best', 'AA final', 'minutes']
 
 
 # ---------------------------------------------------------------------------
@@ -80,7 +82,11 @@ def read_metrics(run_dir):
 
 
 def read_evaluation(path):
-    """An evaluate.py report: its list of {checkpoint, sha256, attacks} entries."""
+    """An evaluate.py report: its list of {checkpoint, sha256, attacks} entries.
+
+    Other entries (width, arch, same_as: a checkpoint not attacked again because an
+    earlier one had the same content, whose numbers it carries) are kept, not needed.
+    """
     report = read_json(path)
     entries = report.get('results') if isinstance(report, dict) else None
     if not isinstance(entries, list) or not all(
@@ -208,8 +214,9 @@ def summarize_run(run_dir, evaluations):
         minutes = f"{sum(row['seconds'] + row['eval_seconds'] for row in rows) / 60:.1f}"
     else:
         accuracies, minutes = ['-'] * 5, '-'
-    return ([os.path.basename(os.path.normpath(run_dir)), DATASETS[config['dataset']]['name'],
-             config['method'], ' '.join(changed_flags(config)) or '(defaults)',
+    return ([os.path.basename(os.path.normpath(run_dir)), config['dataset'],
+             str(config.get('arch', DEFAULT_ARCH)), config['method'],
+             ' '.join(changed_flags(config)) or '(defaults)',
              f'{len(rows)}/{config.get("epochs", "?")}']
             + accuracies
             + [autoattack(run_dir, name, evaluations) for name in CHECKPOINTS]

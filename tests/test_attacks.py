@@ -14,7 +14,8 @@ from payloads import CreatesAFile
 from preactresnet import PreActResNet18
 from conftest import run_script
 from synthetic import learnable_images, write_synthetic_cifar
-from utils import InputError, attack_pgd, evaluate_batches, load_model_weights, pgd_attack
+from utils import (InputError, attack_pgd, evaluate_batches, load_model_weights, pgd_attack,
+                   sha256_file)
 
 EPS = 8 / 255
 
@@ -164,6 +165,45 @@ def test_autoattack_is_at_most_pgd20_at_most_clean_on_an_adversarially_trained_m
     assert 'apgd-t' in log.lower() and 'square' in log.lower()
 
 
+def test_autoattack_shows_its_progress_on_stdout_and_keeps_its_numbers(tmp_path, capsys):
+    # A 10-class linear model on 3x4x4 images labelled with its own predictions: about half
+    # the points are robust, so all four attacks run, on 16 images in batches of 6 (3 s).
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(10, 48, generator=g) * 0.1)
+        model[1].bias.zero_()
+    X = 0.1 + 0.8 * torch.rand(16, 3, 4, 4, generator=g)
+    y = own_labels(model, X)
+    args = argparse.Namespace(attacks=['aa'], epsilon=8.0, alpha=2.0, restarts=1, seed=0,
+                              batch_size=6)
+    result = evaluate.evaluate_checkpoint(model, X, y, args, str(tmp_path / 'lin'))['aa']
+    out = capsys.readouterr().out
+
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[0] == 'AutoAttack (standard): apgd-ce, apgd-t, fab-t, square'
+    for i, name in enumerate(['APGD-CE', 'APGD-T', 'FAB-T', 'Square'], start=1):
+        mine = [line for line in lines if line.startswith(f'AutoAttack {i}/4 {name}: ')]
+        assert mine[0].endswith(': running')
+        assert any(': batch 1/' in line and ' broken' in line for line in mine), mine
+        assert mine[-1].endswith(' s so far)') and '% robust (' in mine[-1]
+    # APGD-CE sees all 16 images: 3 batches, each reported as it ends.
+    assert [line.split(': ')[1].split(',')[0] for line in lines
+            if line.startswith('AutoAttack 1/4 APGD-CE: batch')] == ['batch 1/3', 'batch 2/3',
+                                                                    'batch 3/3']
+    assert f'AutoAttack: {100 * result["accuracy"]:.2f}% robust after all attacks' in lines
+    assert 0 < result['correct'] < 16
+    # The full log still goes to the file.
+    log = (tmp_path / 'lin_autoattack.log').read_text()
+    assert 'apgd-ce - 3/3 - ' in log and 'max Linf perturbation' in log
+
+    # The same number as pyautoattack run by hand, with the same seed and batches.
+    from pyautoattack import AutoAttack
+    x_adv, _ = AutoAttack(model, norm='Linf', eps=8 / 255, version='standard', seed=0,
+                          device=X.device).run_standard_evaluation(X, y, batch_size=6)
+    assert evaluate_batches(model, [(x_adv, y)])[0] == result['correct']
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints
 
@@ -258,6 +298,7 @@ def test_evaluation_scripts_write_results_json(tmp_path, dataset, classes, attac
     assert entry['attacks']['cw20']['loss'] == 'cw'
     if 'aa' in accuracies:
         assert (tmp_path / 'out' / 'best_model_autoattack.log').exists()
+        assert 'AutoAttack 1/4 APGD-CE: batch 1/1' in proc.stdout
     assert 'PGD-10' in proc.stdout and '| attack |' in proc.stdout
 
 
@@ -340,6 +381,79 @@ def test_a_second_evaluation_into_the_same_out_dir_keeps_the_first(tmp_path, cap
         report = json.loads((out_dir / f'results{suffix}.json').read_text())
         assert report['seed'] == seed and list(report['results'][0]['attacks']) == ['clean', 'aa']
         assert (out_dir / f'model{suffix}_autoattack.log').read_text() == f'seed {seed}'
+
+
+@pytest.mark.parametrize('case', ['same bytes', 'different weights', 'same path twice'])
+def test_each_distinct_checkpoint_is_attacked_once(tmp_path, capsys, monkeypatch, case):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    best, final = run_dir / 'best_model.pth', run_dir / 'final_model.pth'
+    best.write_bytes(open(model_and_data(tmp_path), 'rb').read())
+    if case == 'different weights':
+        torch.manual_seed(1)
+        save(PreActResNet18(10, width=8).state_dict(), final)
+    else:
+        final.write_bytes(best.read_bytes())  # the best epoch was the last
+    out_dir = tmp_path / 'out'
+    attacked = []
+    real_run_attack = evaluate.run_attack
+
+    def counting_run_attack(model, name, x, y, args, log_path):
+        attacked.append((os.path.basename(log_path), name))
+        return real_run_attack(model, name, x, y, args, log_path)
+
+    def fake_autoattack(model, x, y, epsilon, args, log_path):
+        # Saved after every attack: the PGD number is on disk before AutoAttack starts.
+        report = json.loads((out_dir / 'results.json').read_text())
+        assert list(report['results'][-1]['attacks']) == ['clean', 'pgd10']
+        with open(log_path, 'w') as f:
+            f.write('log')
+        return 1, {}
+    monkeypatch.setattr(evaluate, 'run_attack', counting_run_attack)
+    monkeypatch.setattr(evaluate, 'run_autoattack', fake_autoattack)
+    given = [best, best] if case == 'same path twice' else [run_dir]
+    code, out, err = evaluate_in_process(capsys, '--model_path', *given, '--out_dir', out_dir,
+                                         '--data-dir', tmp_path / 'data', '--n_ex', '4',
+                                         '--attacks', 'clean,pgd10,aa')
+    assert code == 0, err
+    report = json.loads((out_dir / 'results.json').read_text())
+    entries = report['results']
+    once = [(f'{n}_autoattack.log', a) for n in ['best_model'] for a in ('clean', 'pgd10', 'aa')]
+    if case == 'same path twice':
+        assert attacked == once
+        assert [e['checkpoint'] for e in entries] == [str(best)]
+        assert 'is named more than once; it is evaluated once' in out
+        return
+    assert [e['checkpoint'] for e in entries] == [str(best), str(final)]
+    assert all(e['sha256'] == sha256_file(e['checkpoint']) for e in entries)
+    header = next(line for line in out.splitlines() if line.startswith('| attack |'))
+    assert header == f'| attack | {os.path.relpath(best)} | {os.path.relpath(final)} |'
+    logs = sorted(p.name for p in out_dir.iterdir() if p.name.endswith('.log'))
+    if case == 'same bytes':
+        assert attacked == once
+        assert entries[1]['same_as'] == str(best) and 'same_as' not in entries[0]
+        assert entries[1]['attacks'] == entries[0]['attacks'] and entries[0]['attacks']
+        assert f'{final}: same file content as {os.path.relpath(best)}: not attacked again' in out
+        row = next(line for line in out.splitlines() if line.startswith('| PGD-10 |'))
+        assert row.split('|')[2] == row.split('|')[3]
+        assert logs == ['best_model_autoattack.log']
+    else:
+        assert attacked == once + [('final_model_autoattack.log', a)
+                                   for a in ('clean', 'pgd10', 'aa')]
+        assert entries[0]['sha256'] != entries[1]['sha256']
+        assert 'same_as' not in entries[0] and 'same_as' not in entries[1]
+        assert 'not attacked again' not in out
+        assert logs == ['best_model_autoattack.log', 'final_model_autoattack.log']
+
+
+def test_a_missing_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    checkpoint = model_and_data(tmp_path)
+    missing = tmp_path / 'missing.pth'
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, missing,
+                                         '--out_dir', tmp_path / 'out', '--data-dir',
+                                         tmp_path / 'data', '--n_ex', '4', '--attacks', 'clean')
+    assert code == 2 and out == ''
+    assert err == f'error: {missing}: no such file\n'
 
 
 def test_a_checkpoint_whose_weights_are_not_finite_is_refused_in_one_line(tmp_path, capsys):

@@ -21,7 +21,7 @@ import training
 from conftest import ROOT, run_script, the_run_dir
 from preactresnet import PreActResNet18
 from synthetic import write_synthetic_cifar
-from utils import load_model_weights, sha256_file
+from utils import DATASETS, load_model_weights, sha256_file
 
 TINY_RUN = ['--epochs', '2', '--train-examples', '64', '--eval-examples', '32',
             '--batch-size', '32', '--width', '8', '--alarm-examples', '16']
@@ -279,11 +279,27 @@ def test_plot_curves_writes_the_panels(tmp_path):
     assert (pixels == blue).all(1).sum() > 1000 and (pixels == orange).all(1).sum() > 1000
 
 
+@pytest.mark.parametrize('epochs', [1, 3, 110])
+def test_curves_mark_only_whole_epochs(epochs):
+    rows = history(fgsm=[0.4] * epochs, pgd=[0.3] * epochs)
+    fig = plots.curves_figure(rows)
+    fig.draw_without_rendering()  # sets the tick labels as they are drawn
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        labels = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+        assert ticks and all(t == int(t) for t in ticks), (ax.get_title(), ticks)
+        assert all(label.lstrip('\N{MINUS SIGN}-').isdigit() for label in labels), labels
+        if epochs <= 3:
+            assert ticks == list(range(1, epochs + 1))
+
+
 # ---------------------------------------------------------------------------
 # summarize.py
 
-def write_run(parent, name, flags, metrics):
-    """A run directory written by hand: config.json, metrics.csv, model files."""
+def write_run(parent, name, flags, metrics, **config_entries):
+    """A run directory written by hand: config.json (``config_entries`` override it),
+    metrics.csv, model files."""
     run_dir = parent / name
     run_dir.mkdir()
     args, _ = training.parse_args('cifar10', flags)
@@ -291,7 +307,8 @@ def write_run(parent, name, flags, metrics):
         if getattr(args, flag) is None:
             setattr(args, flag, True)  # as Trainer resolves them on CUDA
     config = {**vars(args), 'data_dir': '/elsewhere', 'out_dir': str(parent),
-              'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py'}
+              'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py',
+              **config_entries}
     (run_dir / 'config.json').write_text(json.dumps(config))
     rows = [dict({k: 0 for k in training.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
                  test_clean_acc=c, test_pgd_acc=p) for i, (s, e, c, p) in enumerate(metrics)]
@@ -357,7 +374,7 @@ def test_summarize_table(tmp_path):
     rows = table_rows(out)
     assert [r['run'] for r in rows] == ['base', 'no-kl', 'fgsm']
     assert rows[0] == {
-        'run': 'base', 'dataset': 'CIFAR-10', 'method': 'mixkl', 'changed flags': '(defaults)',
+        'run': 'base', 'dataset': 'cifar10', 'arch': 'preactresnet18', 'method': 'mixkl', 'changed flags': '(defaults)',
         'epochs': '3/110', 'best epoch': '2', 'best clean': '70.00%', 'best PGD': '45.00%',
         'final clean': '75.00%', 'final PGD': '40.00%', 'AA best': '41.23%',
         'AA final': '39.87%', 'minutes': '3.0'}
@@ -396,6 +413,42 @@ def test_summarize_finds_the_numbered_results_of_later_evaluations(tmp_path, cap
     code, out, err = summarize_in_process(capsys, run, tmp_path / 'elsewhere')
     assert code == 0, err
     assert (table_rows(out)[0]['AA best'], table_rows(out)[0]['AA final']) == ('41.00%', '39.00%')
+
+
+def test_summarize_shows_the_dataset_and_the_architecture(tmp_path, capsys, monkeypatch):
+    if 'tinyimagenet' not in DATASETS:  # the data side names it; only its flags matter here
+        monkeypatch.setitem(DATASETS, 'tinyimagenet', dict(DATASETS['cifar10'], num_classes=200,
+                                                           name='Tiny ImageNet'))
+    old = write_run(tmp_path, 'old', [], [(60, 0, 0.5, 0.25)])
+    config = json.loads((old / 'config.json').read_text())
+    config.pop('arch', None)  # written before the trainer had --arch
+    (old / 'config.json').write_text(json.dumps(config))
+    wide = write_run(tmp_path, 'wide', [], [(60, 0, 0.5, 0.25)], arch='wrn34-10',
+                     dataset='cifar100')
+    tiny = write_run(tmp_path, 'tiny', [], [(60, 0, 0.5, 0.25)], arch='resnet18',
+                     dataset='tinyimagenet')
+    (wide / 'final_model.pth').write_bytes((wide / 'best_model.pth').read_bytes())
+    # Evaluations with and without the arch entry; final_model.pth was not attacked again.
+    write_results(tmp_path / 'results.json',
+                  [(old / 'best_model.pth', sha256_file(old / 'best_model.pth'), 0.30),
+                   (wide / 'best_model.pth', sha256_file(wide / 'best_model.pth'), 0.45),
+                   (wide / 'final_model.pth', sha256_file(wide / 'final_model.pth'), 0.45)])
+    report = json.loads((tmp_path / 'results.json').read_text())
+    report['results'][1]['arch'] = report['results'][2]['arch'] = 'wrn34-10'
+    report['results'][2]['same_as'] = report['results'][1]['checkpoint']
+    (tmp_path / 'results.json').write_text(json.dumps(report))
+
+    code, out, err = summarize_in_process(capsys, old, wide, tiny, tmp_path / 'results.json')
+
+    assert code == 0, err
+    rows = table_rows(out)
+    assert list(rows[0])[:4] == ['run', 'dataset', 'arch', 'method']
+    assert [(r['run'], r['dataset'], r['arch'], r['changed flags']) for r in rows] == [
+        ('old', 'cifar10', 'preactresnet18', '(defaults)'),
+        ('wide', 'cifar100', 'wrn34-10', '(defaults)'),
+        ('tiny', 'tinyimagenet', 'resnet18', '(defaults)')]
+    assert [(r['AA best'], r['AA final']) for r in rows] == [
+        ('30.00%', '-'), ('45.00%', '45.00%'), ('-', '-')]
 
 
 @pytest.mark.parametrize('problem, message', [
