@@ -38,12 +38,15 @@ def curves_figure(rows):
     from matplotlib.figure import Figure
 
     epochs = [int(row['epoch']) for row in rows]
+    validation = 'val_pgd_acc' in rows[0]  # --val-examples: evaluated on held-out images
     fig = Figure(figsize=(10, 7), dpi=100, layout='constrained')
     axes = fig.subplots(2, 2).flatten()
     for ax, (title, ylabel, curves) in zip(axes, PANELS):
         for column, label in curves:
+            if validation:
+                column = column.replace('test_', 'val_')
             ax.plot(epochs, [float(row[column]) for row in rows], marker='.', label=label)
-        ax.set_title(title)
+        ax.set_title(title.replace('Test', 'Validation') if validation else title)
         ax.set_xlabel('epoch')
         whole_epoch_ticks(ax)
         ax.set_ylabel(ylabel)

@@ -65,10 +65,13 @@ def read_metrics(run_dir):
     try:
         with open(path, newline='') as f:
             reader = csv.DictReader(f)
-            missing = [c for c in METRIC_COLUMNS if c not in (reader.fieldnames or [])]
+            # A --val-examples run has val_* where the others have test_*: read them in their place.
+            def column(name):
+                return name.replace('val_', 'test_')
+            missing = [c for c in METRIC_COLUMNS if c not in map(column, reader.fieldnames or [])]
             if missing:
                 raise InputError(f'{path}: no column {", ".join(missing)}')
-            rows = list(reader)
+            rows = [{column(k): v for k, v in row.items()} for row in reader]
     except OSError as e:
         raise InputError(f'{path}: {e.strerror}')
     numbers = []

@@ -215,10 +215,14 @@ def overfitting_alarm(fgsm_accs, pgd_accs):
 # Resumable state
 
 CHECKPOINT_FORMAT = 'mixkl-resumable-1'
-# The per-epoch evaluation fills test_* or, with --val-examples, val_*.
 METRIC_FIELDS = ['epoch', 'seconds', 'eval_seconds', 'lr', 'train_loss', 'train_acc', 'tau',
                  'kl_weight', 'teacher_updates', 'test_clean_acc', 'test_pgd_acc',
-                 'alarm_fgsm_acc', 'alarm_pgd_acc', 'val_clean_acc', 'val_pgd_acc']
+                 'alarm_fgsm_acc', 'alarm_pgd_acc']
+
+
+def metric_fields(val_examples):
+    """The columns of metrics.csv: with --val-examples the per-epoch accuracies are val_*."""
+    return [f.replace('test_', 'val_') if val_examples else f for f in METRIC_FIELDS]
 
 
 def rng_state():
@@ -625,9 +629,10 @@ class Trainer:
                    train_acc=self.stats['correct'] / self.stats['n'],
                    tau=tau, kl_weight=kl_weight(tau, a.tau0, a.lambda_kl_base),
                    teacher_updates=self.stats['teacher_updates'],
+                   test_clean_acc=clean, test_pgd_acc=pgd,
                    alarm_fgsm_acc=alarm_fgsm, alarm_pgd_acc=alarm_pgd)
         split = 'val' if a.val_examples else 'test'
-        row.update({f'{split}_clean_acc': clean, f'{split}_pgd_acc': pgd})
+        row = dict(zip(metric_fields(a.val_examples), row.values()))
         self.history.append(row)
         if pgd > self.best_pgd:
             self.best_pgd = pgd
@@ -636,7 +641,8 @@ class Trainer:
         self.epoch, self.step, self.stats = epoch + 1, 0, new_epoch_stats()
         self.save_checkpoint()
         if self.dist.is_main:
-            write_metrics(self.path('metrics.csv'), self.history)
+            write_metrics(self.path('metrics.csv'), self.history,
+                          metric_fields(a.val_examples))
         self.log(f'epoch {epoch + 1}/{a.epochs}  {row["seconds"]:.1f}s+{row["eval_seconds"]:.1f}s  '
                  f'lr {row["lr"]:.4g}  loss {row["train_loss"]:.4f}  train acc {row["train_acc"]:.4f}  '
                  f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
@@ -823,9 +829,9 @@ def build_model(arch, dataset, width, device, channels_last):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def write_metrics(path, rows):
+def write_metrics(path, rows, fields=METRIC_FIELDS):
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+    writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, out.getvalue())
