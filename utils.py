@@ -1,7 +1,8 @@
 """Data loading, attacks, evaluation and safe file I/O, shared by training and evaluation.
 
-Images are uint8 tensors of shape (N, 3, 32, 32) kept on the compute device;
-batches handed to models are float in [0, 1]. Every attack works in that space.
+Images are uint8 tensors of shape (N, 3, S, S) kept on the compute device (S is the
+dataset's image_size: 32 for CIFAR, 64 for Tiny-ImageNet-200); batches handed to
+models are float in [0, 1]. Every attack works in that space.
 """
 import contextlib
 import hashlib
@@ -24,6 +25,11 @@ DATASETS = {
     'cifar100': dict(folder='cifar-100-python', num_classes=100, label_key='fine_labels',
                      train_files=['train'], test_files=['test'], name='CIFAR-100', image_size=32,
                      url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'),
+    # Read by tinyimagenet.py from the official folder layout; its labelled validation
+    # split is what train=False gives (the test split has no labels). Never downloaded.
+    'tinyimagenet': dict(folder='tiny-imagenet-200', num_classes=200, name='Tiny-ImageNet-200',
+                         image_size=64, test_split='val',
+                         url='http://cs231n.stanford.edu/tiny-imagenet-200.zip'),
 }
 
 
@@ -366,7 +372,19 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def load_dataset(dataset, data_dir, train, quiet=False):  # STUB, replaced at merge
+def load_dataset(dataset, data_dir, train, quiet=False):
+    """Return (images uint8 (N, 3, S, S), labels int64 (N,)) of a split of any of DATASETS.
+
+    S is DATASETS[dataset]['image_size']. CIFAR goes through load_cifar (downloaded
+    when absent); Tiny-ImageNet-200 through tinyimagenet.load_tiny_imagenet, whose
+    ``train=False`` is the labelled validation split.
+    """
+    if dataset not in DATASETS:
+        raise InputError(f'unknown dataset {one_line(repr(dataset), 40)}; '
+                         f'one of {", ".join(DATASETS)}')
+    if dataset == 'tinyimagenet':
+        import tinyimagenet  # it imports utils: imported here, not at the top, to avoid a cycle
+        return tinyimagenet.load_tiny_imagenet(data_dir, train, quiet=quiet)
     return load_cifar(dataset, data_dir, train, quiet=quiet)
 
 
@@ -621,6 +639,11 @@ def atomic_save(obj, path):
 
 def atomic_write_bytes(path, data):
     _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_array(path, array):
+    """np.save (no pickles) through a temporary file: a reader never sees half an array."""
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def atomic_write_text(path, text):
