@@ -1,4 +1,4 @@
-"""Train PreActResNet-18 on CIFAR-100 with MIX-KL.
+"""Train a network on CIFAR-100 with MIX-KL (PreActResNet-18 unless --arch says otherwise).
 
     python MIX_KL_CIFAR100.py --out_dir ./output/ --data-dir cifar100-data
 

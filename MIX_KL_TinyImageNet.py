@@ -1,4 +1,4 @@
-"""Train PreActResNet-18 on Tiny-ImageNet-200 with MIX-KL, with the authors' Tiny-ImageNet defaults.
+"""Train a network on Tiny-ImageNet-200 with MIX-KL, with the authors' Tiny-ImageNet defaults.
 
     python MIX_KL_TinyImageNet.py --out_dir ./output/ --data-dir tiny-imagenet-data
 

@@ -1,0 +1,277 @@
+"""The experimental grid: every architecture, every method and Tiny-ImageNet, end to end on CPU.
+
+Model tests check shapes, features and how a checkpoint names its architecture;
+the end-to-end tests train with the real scripts on tiny synthetic data in the
+exact on-disk layouts, then evaluate what they saved with the real test scripts.
+"""
+import argparse
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixkl
+import models
+import training
+from conftest import run_script, same_weights, the_run_dir
+from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
+from utils import InputError, load_dataset, load_model_weights
+
+SMALL = {'preactresnet18': 4, 'resnet18': 4, 'wrn34-10': 1}  # --width of a quick CPU model
+
+
+# ---------------------------------------------------------------------------
+# The architectures
+
+@pytest.mark.parametrize('size', [32, 64])
+@pytest.mark.parametrize('arch', list(models.ARCHS))
+def test_each_architecture_maps_images_to_logits_and_its_features(arch, size):
+    width = SMALL[arch]
+    torch.manual_seed(0)
+    model = models.build_model(arch, 7, width, size).eval()
+    x = torch.rand(3, 3, size, size)
+    logits, features = model(x, return_features=True)
+    # A 4x4 (WideResNet: 8x8) pool: one vector per 32x32 image, a 2x2 grid per 64x64 one.
+    per_position = {'preactresnet18': 8 * width, 'resnet18': 8 * width, 'wrn34-10': 64 * width}
+    assert logits.shape == (3, 7)
+    assert features.shape == (3, per_position[arch] * (size // 32) ** 2)
+    assert torch.equal(model(x), logits)
+    head = model.fc if arch == 'wrn34-10' else model.linear
+    torch.testing.assert_close(head(features), logits)
+    if arch == 'preactresnet18':
+        assert (features < 0).any(), 'PreActResNet-18: no ReLU after the last block'
+    else:
+        assert (features >= 0).all(), 'after the last ReLU (WideResNet: its final BN-ReLU)'
+
+
+def test_the_full_size_networks_have_their_published_sizes():
+    def parameters(arch):
+        return sum(p.numel() for p in models.build_model(arch, 10).parameters())
+    assert parameters('resnet18') == 11_173_962
+    assert parameters('wrn34-10') == 46_160_474
+    assert parameters('preactresnet18') == 11_171_146
+
+
+@pytest.mark.parametrize('arch', list(models.ARCHS))
+def test_a_checkpoint_names_its_architecture_and_width(arch, tmp_path):
+    torch.manual_seed(0)
+    model = models.build_model(arch, 10, SMALL[arch])
+    path = tmp_path / 'model.pth'
+    torch.save(model.state_dict(), path)
+    assert models.detect_arch(model.state_dict()) == arch
+    loaded = load_model_weights(str(path), 'cifar10')
+    assert (loaded.arch, loaded.width, type(loaded)) == (arch, SMALL[arch], type(model))
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+    other = next(a for a in models.ARCHS if a != arch)
+    with pytest.raises(InputError, match=f'not a {other} checkpoint|does not fit {other}'):
+        load_model_weights(str(path), 'cifar10', arch=other)
+
+
+def test_tiny_imagenet_models_normalise_inside_and_keep_it_out_of_the_state_dict(tmp_path):
+    torch.manual_seed(0)
+    plain = models.build_model('preactresnet18', 200, 4, 64).eval()
+    normalised = models.build_model('preactresnet18', 200, 4, 64, models.NORMALIZATION[
+        'tinyimagenet']).eval()
+    normalised.load_state_dict(plain.state_dict())
+    assert normalised.state_dict().keys() == plain.state_dict().keys()
+    x = torch.rand(2, 3, 64, 64)
+    mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalised(x), plain((x - mean) / std))
+    path = tmp_path / 'tiny.pth'
+    torch.save(plain.state_dict(), path)
+    loaded = load_model_weights(str(path), 'tinyimagenet').eval()
+    torch.testing.assert_close(loaded(x), normalised(x), rtol=0, atol=0)
+    with pytest.raises(InputError, match='200-class model; .* evaluates 10-class models'):
+        load_model_weights(str(path), 'cifar10', script='test_cifar10.py')
+
+
+@pytest.mark.parametrize('arch', list(models.ARCHS))
+def test_one_mixkl_step_trains_each_architecture(arch):
+    args, _ = training.parse_args('cifar10', ['--no-amp', '--arch', arch])
+    hp = training.hyperparameters(args)
+    torch.manual_seed(0)
+    student = models.build_model(arch, 10, SMALL[arch]).train()
+    teacher = mixkl.ConditionalEMA(student, hp.ema_value, hp.ema_decay_max)
+    before = {k: v.clone() for k, v in student.named_parameters()}
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    result = mixkl.mixkl_step(student, teacher, optimizer, x, y, hp, epoch=0)
+    assert np.isfinite(result.loss) and result.n == 8
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+    unchanged = [k for k, p in student.named_parameters() if torch.equal(p, before[k])]
+    assert unchanged == [], 'every weight takes part in the step'
+    assert teacher.updates == result.teacher_updated
+
+
+# ---------------------------------------------------------------------------
+# End to end, CIFAR-10: each architecture with MIX-KL, each new baseline
+
+TINY_RUN = ['--epochs', '2', '--train-examples', '48', '--eval-examples', '16',
+            '--batch-size', '16', '--alarm-examples', '8', '--eval-batch-size', '16',
+            '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def cifar_dir(tmp_path_factory):
+    return write_synthetic_cifar(str(tmp_path_factory.mktemp('data')), n_train=64, n_test=16,
+                                 learnable=True)
+
+
+def train_and_evaluate(script, test_script, data_dir, tmp_path, flags):
+    """Train with the real script, then attack what it saved; (run dir, config, metrics, results)."""
+    out = tmp_path / 'runs'
+    result = run_script(script, '--data-dir', data_dir, '--out_dir', out, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = the_run_dir(out)
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    result = run_script(test_script, '--model_path', run_dir, '--out_dir', tmp_path / 'eval',
+                        '--data-dir', data_dir, '--n_ex', '16', '--attacks', 'clean,pgd10',
+                        '--device', 'cpu', cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / 'eval' / 'results.json') as f:
+        report = json.load(f)
+    return run_dir, config, rows, report
+
+
+GRID = [('resnet18', 'mixkl'), ('wrn34-10', 'mixkl'), ('preactresnet18', 'n_fgsm'),
+        ('preactresnet18', 'pgd_at')]
+
+
+@pytest.mark.parametrize('arch, method', GRID)
+def test_every_architecture_and_method_trains_and_evaluates_end_to_end(arch, method, cifar_dir,
+                                                                        tmp_path):
+    flags = ['--arch', arch, '--method', method, '--width', str(SMALL[arch]), *TINY_RUN]
+    if method == 'pgd_at':
+        flags += ['--attack-iters', '3']
+    run_dir, config, rows, report = train_and_evaluate('MIX_KL_CIFAR10.py', 'test_cifar10.py',
+                                                       cifar_dir, tmp_path, flags)
+    assert (config['arch'], config['method'], config['width']) == (arch, method, SMALL[arch])
+    assert config['alpha'] == training.DEFAULT_ALPHA[method]
+    assert [row['epoch'] for row in rows] == ['1', '2']
+    assert all(np.isfinite(float(row['train_loss'])) for row in rows)
+    # MIX-KL saves its teacher, an average of the student; the baselines the student itself.
+    student = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)['student']
+    saved = torch.load(os.path.join(run_dir, 'final_model.pth'), weights_only=True)
+    assert same_weights(saved, student) == (method != 'mixkl')
+    if method != 'mixkl':
+        assert all(row['teacher_updates'] == '0' for row in rows)
+    entry = report['results'][0]
+    assert (entry['arch'], entry['width']) == (arch, SMALL[arch]), 'read from the checkpoint'
+    assert 0 <= entry['attacks']['pgd10']['accuracy'] <= entry['attacks']['clean']['accuracy']
+    # The per-epoch evaluation saw the same model and images as test_cifar10.py.
+    best = max(rows, key=lambda row: float(row['test_pgd_acc']))
+    assert entry['attacks']['clean']['accuracy'] == float(best['test_clean_acc'])
+
+
+def test_validation_split_is_held_out_and_picks_the_best_model(cifar_dir, tmp_path):
+    flags = [*TINY_RUN, '--width', '4', '--val-examples', '12', '--lr-schedule', 'cyclic',
+             '--lr-peak', '1']
+    run_dir, config, rows, _ = train_and_evaluate('MIX_KL_CIFAR10.py', 'test_cifar10.py',
+                                                  cifar_dir, tmp_path, flags)
+    assert config['best_model_chosen_on'].startswith('12 held-out training images')
+    assert 'test_pgd_acc' not in rows[0], 'the test set is not looked at while training'
+    with open(os.path.join(run_dir, 'train.log')) as f:
+        assert '48 training images, 12 validation images' in f.read()
+    # best_model.pth is the model of the epoch with the best validation PGD accuracy:
+    # its clean accuracy on the held-out images (the last 12 of the 64) is that epoch's
+    # (--train-examples 48 then takes the first 48 of the other 52).
+    best = max(rows, key=lambda row: float(row['val_pgd_acc']))
+    x, y = load_dataset('cifar10', cifar_dir, train=True)
+    model = load_model_weights(os.path.join(run_dir, 'best_model.pth'), 'cifar10').eval()
+    with torch.no_grad():
+        correct = (model(x[-12:].float() / 255).argmax(1) == y[-12:]).sum().item() / 12
+    assert correct == float(best['val_clean_acc'])
+    # The cyclic schedule's momentum, as CyclicLR cycles it, in the saved optimiser: with the
+    # peak at the very end (--lr-peak 1) the run ends at lr 0.1 and momentum 0.8.
+    checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)
+    group = checkpoint['optimizer']['param_groups'][0]
+    assert (group['lr'], group['momentum']) == (pytest.approx(0.1), pytest.approx(0.8))
+
+
+def test_a_checkpoint_from_before_the_new_flags_resumes_as_it_was_trained(tmp_path):
+    old_args = vars(training.parse_args('cifar10', ['--lr-schedule', 'cyclic'])[0])
+    for flag in ('arch', 'val_examples', 'lr_peak', 'momentum_min', 'ema_decay_max',
+                 'con_reference', 'augment', 'attack_iters'):
+        del old_args[flag]
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'format': training.CHECKPOINT_FORMAT, 'args': old_args}, path)
+    args, parser = training.parse_args('cifar10', ['--resume', str(path)])
+    merged, _, _ = training.read_resume_checkpoint(args, parser)
+    assert (merged.arch, merged.val_examples, merged.augment) == ('preactresnet18', 0, True)
+    assert merged.momentum_min == merged.momentum, 'no momentum cycling where there was none'
+    assert (merged.ema_decay_max, merged.con_reference, merged.lr_peak) == (0.999, 'clean', 0.5)
+
+
+# ---------------------------------------------------------------------------
+# Tiny-ImageNet-200: from the folder layout of JPEGs through both scripts
+
+AUTHORS_TINY_DEFAULTS = dict(batch_size=64, lr_max=0.2, lamda=42.0, mixup_alpha=1.0,
+                             ema_value=0.55, ema_decay_max=0.55, con_reference='start',
+                             lr_schedule='cyclic', epochs=110, augment=False)
+
+
+def test_tiny_imagenet_defaults_are_the_authors():
+    args, _ = training.parse_args('tinyimagenet', [])
+    assert {k: getattr(args, k) for k in AUTHORS_TINY_DEFAULTS} == AUTHORS_TINY_DEFAULTS
+    assert args.lr_peak == pytest.approx(20 / 110), 'the peak at epoch 20 of 110'
+    assert (args.epsilon, args.alpha, args.momentum, args.momentum_min) == (8, 8, 0.9, 0.8)
+    hp = training.hyperparameters(argparse.Namespace(**{**vars(args), 'amp': False}))
+    assert hp.num_classes == 200
+
+
+def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
+    data = write_synthetic_tiny_imagenet(str(tmp_path / 'data'), num_classes=3, per_class=8,
+                                         n_val=8, learnable=True)
+    flags = ['--epochs', '2', '--width', '4', '--alarm-examples', '8', '--device', 'cpu',
+             '--eval-batch-size', '8']
+    run_dir, config, rows, report = train_and_evaluate(
+        'MIX_KL_TinyImageNet.py', 'test_tinyimagenet.py', data, tmp_path, flags)
+    assert {k: config[k] for k in AUTHORS_TINY_DEFAULTS if k != 'epochs'} == \
+        {k: v for k, v in AUTHORS_TINY_DEFAULTS.items() if k != 'epochs'}
+    assert config['dataset'] == 'tinyimagenet' and len(rows) == 2
+    entry = report['results'][0]
+    assert report['dataset'] == 'tinyimagenet' and report['n_examples'] == 8
+    assert (entry['arch'], entry['num_classes']) == ('preactresnet18', 200)
+    model = load_model_weights(os.path.join(run_dir, 'final_model.pth'), 'tinyimagenet')
+    assert model.linear.in_features == 4 * 8 * 4, 'a 2x2 grid of pooled features per image'
+    # The cache made by the first run is what the evaluation read: the same images.
+    assert os.path.exists(os.path.join(data, 'tiny-imagenet-200', '.mixkl-cache-val.npy'))
+
+
+def test_tiny_imagenet_scripts_report_a_missing_folder_in_one_line(tmp_path):
+    checkpoint = tmp_path / 'model.pth'
+    torch.save(models.build_model('preactresnet18', 200, 4, 64).state_dict(), checkpoint)
+    for script in ('MIX_KL_TinyImageNet.py', 'test_tinyimagenet.py'):
+        extra = ['--model_path', checkpoint] if script.startswith('test') else []
+        result = run_script(script, '--data-dir', tmp_path / 'nowhere', '--out_dir',
+                            tmp_path / 'out', '--device', 'cpu', *extra, cwd=tmp_path)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and 'tiny-imagenet-200' in lines[0], result.stderr
+
+
+def test_the_tiny_imagenet_step_uses_its_consistency_reference(monkeypatch):
+    args, _ = training.parse_args('tinyimagenet', ['--no-amp'])
+    hp = training.hyperparameters(args)
+    seen = []
+    consistency = mixkl.consistency_loss
+    monkeypatch.setattr(mixkl, 'consistency_loss',
+                        lambda *a: seen.append(a[6]) or consistency(*a))
+    torch.manual_seed(0)
+    student = training.build_model('preactresnet18', 'tinyimagenet', 4, 'cpu', False).train()
+    teacher = mixkl.ConditionalEMA(student, hp.ema_value, hp.ema_decay_max)
+    assert teacher.max_decay == 0.55
+    x, y = torch.rand(4, 3, 64, 64), torch.randint(0, 200, (4,))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    mixkl.mixkl_step(student, teacher, optimizer, x, y, hp, epoch=0)
+    assert seen[0] is not None and seen[0].abs().max() <= 4 / 255 + 1e-7, 'delta0: half radius'
+    assert F.one_hot(y, 200).shape[1] == hp.num_classes
