@@ -44,7 +44,8 @@ import training
 from cli import (HelpFormatter, cuda_default, enable_fast_cuda, number_in_range, positive_int,
                  resolve_device, seed_int)
 from synthetic import write_synthetic_cifar
-from utils import (DATASETS, CifarLoader, InputError, clamp, cudnn_autotuning, evaluate_batches,
+from models import ARCHS
+from utils import (CifarLoader, InputError, clamp, cudnn_autotuning, evaluate_batches,
                    load_cifar, pgd_attack)
 
 # One CIFAR-10 run as the paper trains it: the projection's yardstick.
@@ -61,10 +62,14 @@ def parse_args(argv=None):
     p.add_argument('--eval-images', type=positive_int, default=1024,
                    help='test images attacked with PGD-10')
     p.add_argument('--eval-batch-size', type=positive_int, default=512)
-    p.add_argument('--width', type=positive_int, default=64,
-                   help='PreActResNet-18 base width')
+    p.add_argument('--arch', choices=list(ARCHS), default='preactresnet18')
+    p.add_argument('--method', choices=list(mixkl.STEPS), default='mixkl',
+                   help='the project path\'s step; the reference path is MIX-KL\'s and runs '
+                        'only with mixkl')
+    p.add_argument('--width', type=positive_int, default=None,
+                   help='the architecture\'s width (default: its own, 64 or 10)')
     p.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
-    p.add_argument('--dataset', choices=list(DATASETS), default='cifar10')
+    p.add_argument('--dataset', choices=['cifar10', 'cifar100'], default='cifar10')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help="the project path's bf16 autocast (default: as training, on for CUDA, "
                         'off on CPU)')
@@ -73,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=seed_int, default=0)
     p.add_argument('--check', action='store_true',
                    help='run bf16_check.py instead, with the other flags given (see its --help)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.width = args.width or ARCHS[args.arch].default_width
+    return args
 
 
 # ---------------------------------------------------------------------------
@@ -166,6 +173,7 @@ class UncheckedCIFAR100(_UncheckedCifarMixin, tv_datasets.CIFAR100):
 def step_settings(args, amp):
     """The training script's flags and defaults (eps, alpha, lamda, tau0, ...) and its Hyperparameters."""
     argv = ['--batch-size', str(args.batch_size), '--width', str(args.width),
+            '--arch', args.arch, '--method', args.method,
             '--seed', str(args.seed), '--amp' if amp else '--no-amp']
     targs = training.parse_args(args.dataset, argv)[0]
     return targs, training.hyperparameters(targs)
@@ -174,10 +182,9 @@ def step_settings(args, amp):
 def build_models(targs, device, channels_last):
     """Student, teacher and optimiser from the seed: both paths start from the same weights."""
     training.seed_everything(targs.seed)
-    student = training.build_model(DATASETS[targs.dataset]['num_classes'], targs.width, device,
-                                   channels_last)
+    student = training.build_model(targs.arch, targs.dataset, targs.width, device, channels_last)
     return SimpleNamespace(
-        student=student, teacher=mixkl.ConditionalEMA(student, targs.ema_value),
+        student=student, teacher=mixkl.ConditionalEMA(student, targs.ema_value, targs.ema_decay_max),
         optimizer=torch.optim.SGD(student.parameters(), lr=targs.lr_max,
                                   momentum=targs.momentum, weight_decay=targs.weight_decay))
 
@@ -199,8 +206,8 @@ def project_steps(targs, hp, models, root, device):
     for epoch in itertools.count():
         for x, y in loader.batches(epoch):
             with project_cuda_flags(device):
-                check_finite(mixkl.mixkl_step(models.student, models.teacher, models.optimizer,
-                                              x, y, hp, epoch=0))
+                check_finite(mixkl.STEPS[targs.method](models.student, models.teacher,
+                                                       models.optimizer, x, y, hp, epoch=0))
             yield len(y)
 
 
@@ -320,7 +327,7 @@ def pgd_eval_rate(args, root, device):
     x = x.to(device).float() / 255
     training.seed_everything(args.seed)
     model = PinnedPrediction(training.build_model(  # as the trainer builds it
-        DATASETS[args.dataset]['num_classes'], args.width, device, cuda_default(device)))
+        args.arch, args.dataset, args.width, device, cuda_default(device)))
     batches = [(X, torch.zeros(len(X), dtype=torch.long, device=device))
                for X in x.split(args.eval_batch_size)]
     attack = pgd_attack(PGD_EPSILON, PGD_ALPHA, PGD_ITERS, 1)
@@ -352,19 +359,18 @@ def run_benchmark(args, device, root):
                       seed=args.seed)
     cuda = device.type == 'cuda'
     print(f'{args.steps} timed steps per path after {args.warmup} warm-up, batch '
-          f'{args.batch_size}, width {args.width}, {args.dataset}; project path bf16 autocast: '
-          f'{"on" if args.amp else "off"}')
+          f'{args.batch_size}, {args.arch} width {args.width}, {args.method}, {args.dataset}; '
+          f'project path bf16 autocast: {"on" if args.amp else "off"}')
 
     project_args, project_hp = step_settings(args, args.amp)
     reference_args, reference_hp = step_settings(args, False)
     # build_models seeds: both paths start from the same weights.
-    paths = {
-        'project': project_steps(project_args, project_hp,
-                                 build_models(project_args, device, cuda), root, device),
-        'reference': reference_steps(reference_args, reference_hp,
-                                     build_models(reference_args, device, False), root, device,
-                                     args.workers),
-    }
+    paths = {'project': project_steps(project_args, project_hp,
+                                      build_models(project_args, device, cuda), root, device)}
+    if args.method == 'mixkl':
+        paths['reference'] = reference_steps(reference_args, reference_hp,
+                                             build_models(reference_args, device, False), root,
+                                             device, args.workers)
     rates, peaks = time_interleaved(paths, args.warmup, args.steps, device)
     del paths  # frees both paths' models before the evaluation's peak is measured
     eval_rate, pgd_acc = pgd_eval_rate(args, root, device)
@@ -372,9 +378,10 @@ def run_benchmark(args, device, root):
 
     print(f'project path:   {rates["project"]:.2f} images/s  '
           f'(CifarLoader on {device.type}, autograd.grad FGSM)')
-    print(f'reference path: {rates["reference"]:.2f} images/s  (torchvision + PIL + DataLoader '
-          f'with {args.workers} workers, fp32, backward() FGSM)')
-    print(f'ratio project/reference: {rates["project"] / rates["reference"]:.2f}x')
+    if 'reference' in rates:
+        print(f'reference path: {rates["reference"]:.2f} images/s  (torchvision + PIL + '
+              f'DataLoader with {args.workers} workers, fp32, backward() FGSM)')
+        print(f'ratio project/reference: {rates["project"] / rates["reference"]:.2f}x')
     print(f'PGD-10 eval:    {eval_rate:.2f} images/s  ({args.eval_images} images at full cost: '
           f'PGD accuracy {pgd_acc:.2f}, 1.00 = every image attacked for all 10 steps)')
     if cuda:
@@ -383,15 +390,15 @@ def run_benchmark(args, device, root):
     else:
         print(f'peak memory:    {peaks["PGD-10 eval"]:.0f} MiB peak RSS of this process, all '
               'phases (resource.getrusage; DataLoader workers not included)')
-    print_projection(rates['project'], rates['reference'], eval_rate)
+    print_projection(rates, eval_rate)
 
 
-def print_projection(project_rate, reference_rate, eval_rate):
+def print_projection(rates, eval_rate):
     """A full run's time from the rates: per epoch, 50,000 training images and PGD-10 on 10,000."""
     eval_s = TEST_IMAGES / eval_rate
     print(f'projected {EPOCHS} epochs of CIFAR-10 ({TRAIN_IMAGES} train images/epoch, '
           f'{TEST_IMAGES} test images PGD-10/epoch):')
-    for name, rate in (('project path', project_rate), ('reference path', reference_rate)):
+    for name, rate in ((f'{name} path', rate) for name, rate in rates.items()):
         train_s = TRAIN_IMAGES / rate
         total_h = EPOCHS * (train_s + eval_s) / 3600
         print(f'  {name + ":":16s}{total_h:10.2f} h  (per epoch {train_s:.0f} s training '
