@@ -184,7 +184,8 @@ def build_models(targs, device, channels_last):
     training.seed_everything(targs.seed)
     student = training.build_model(targs.arch, targs.dataset, targs.width, device, channels_last)
     return SimpleNamespace(
-        student=student, teacher=mixkl.ConditionalEMA(student, targs.ema_value, targs.ema_decay_max),
+        student=student,
+        teacher=mixkl.ConditionalEMA(student, targs.ema_value, targs.ema_decay_max),
         optimizer=torch.optim.SGD(student.parameters(), lr=targs.lr_max,
                                   momentum=targs.momentum, weight_decay=targs.weight_decay))
 

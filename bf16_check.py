@@ -70,7 +70,7 @@ def run_check(args, device, root):
         for amp in (True, False):
             start = time.perf_counter()
             trainer = check_run(args, device, root, seed, amp)
-            student = evaluate_robustness(trainer.student, trainer.test_loader.batches(),
+            student = evaluate_robustness(trainer.student, trainer.eval_loader.batches(),
                                           PGD_EPSILON, PGD_ALPHA, PGD_ITERS)
             last = trainer.history[-1]  # the teacher's evaluation after the last epoch
             accuracies = [*student, last['test_clean_acc'], last['test_pgd_acc']]

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+import models
 import training
 from cli import cuda_default
 from utils import DATASETS, InputError, sha256_file
@@ -67,7 +68,7 @@ def read_metrics(run_dir):
             reader = csv.DictReader(f)
             # A --val-examples run has val_* where the others have test_*: read them in their place.
             def column(name):
-                return name.replace('val_', 'test_')
+                return 'test_' + name[len('val_'):] if name.startswith('val_') else name
             missing = [c for c in METRIC_COLUMNS if c not in map(column, reader.fieldnames or [])]
             if missing:
                 raise InputError(f'{path}: no column {", ".join(missing)}')
@@ -154,11 +155,12 @@ def changed_flags(config):
         key = action.dest
         if key in NOT_SHOWN_FLAGS or key not in config or not action.option_strings:
             continue
-        # --alpha, --amp and --channels-last have no default of their own: they follow the
-        # method, the device.
+        # --alpha, --width, --amp and --channels-last have no default of their own: they
+        # follow the method, the architecture, the device.
         on_cuda = cuda_default(config.get('device_used'))
+        arch = models.ARCHS.get(config.get('arch', DEFAULT_ARCH))
         own_defaults = {'alpha': training.DEFAULT_ALPHA.get(method), 'amp': on_cuda,
-                        'channels_last': on_cuda}
+                        'channels_last': on_cuda, 'width': arch and arch.default_width}
         default = own_defaults.get(key, action.default)
         value = config[key]
         if value == default:

@@ -284,7 +284,7 @@ def cached_images(root, split, key, n, quiet):
         return None
     try:
         images = _read_cache(array_path, sidecar_path, key, n)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a deeply nested sidecar
         if not quiet:
             print(f'note: {array_path} is damaged ({one_line(e, 160)}); decoding again')
         return None

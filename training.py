@@ -168,8 +168,9 @@ def parse_args(dataset, argv=None):
         if args.width is None:
             args.width = ARCHS[args.arch].default_width
         if args.lr_schedule == 'cyclic' and args.momentum_min > args.momentum:
-            parser.error(f'--momentum-min {args.momentum_min:g} must not exceed --momentum '
-                         f'{args.momentum:g}')
+            parser.error(f'--momentum {args.momentum:g}: the cyclic schedule lowers the momentum '
+                         f'to --momentum-min ({args.momentum_min:g}), which must not exceed it; '
+                         'give --momentum-min too (equal to --momentum: constant momentum)')
     try:
         torch.device(args.device or 'cpu')
     except RuntimeError as e:
@@ -184,6 +185,7 @@ def given_flags(dataset, argv):
     quiet = build_parser(dataset)
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
+    quiet._defaults.clear()  # the dataset's own defaults (DATASET_DEFAULTS) were not written either
     return set(vars(quiet.parse_args(argv)))
 
 
@@ -406,6 +408,13 @@ class Trainer:
             return f'Nothing was saved in {self.run_dir} before it diverged.'
         return f'Kept in {self.run_dir}, from before it diverged: {", ".join(kept)}.'
 
+    def evaluated_split(self):
+        """What the per-epoch evaluation sees: 'test', 'val' (Tiny-ImageNet's labelled
+        val/ folder), or 'validation' (the images --val-examples holds out)."""
+        if self.args.val_examples:
+            return 'validation'
+        return DATASETS[self.args.dataset].get('test_split', 'test')
+
     def path(self, name):
         return os.path.join(self.run_dir, name)
 
@@ -438,7 +447,7 @@ class Trainer:
             self.dist.barrier()
         self.data_sha256 = data_digest(x_train, y_train, x_test, y_test)
         if a.val_examples:
-            # The per-epoch evaluation (and best_model.pth) sees the held-out images, never the test set.
+            # The per-epoch evaluation (and best_model.pth) sees these, never the test set.
             if a.val_examples >= len(y_train):
                 raise InputError(f'--val-examples {a.val_examples} leaves no training images '
                                  f'(there are {len(y_train)})')
@@ -483,9 +492,9 @@ class Trainer:
         """Under the cyclic schedule, the momentum of the scheduler's current iteration."""
         a = self.args
         if a.lr_schedule == 'cyclic' and a.momentum_min != a.momentum:
-            momentum = momentum_at(self.lr_at(self.scheduler.last_epoch), a.momentum, a.momentum_min)
+            fraction = self.lr_at(self.scheduler.last_epoch)
             for group in self.optimizer.param_groups:
-                group['momentum'] = momentum
+                group['momentum'] = momentum_at(fraction, a.momentum, a.momentum_min)
 
     def models(self):
         """{'student': ..., 'teacher': ...}: what training changes (the teacher if MIX-KL)."""
@@ -501,10 +510,10 @@ class Trainer:
     def fit(self):
         a = self.args
         self.log(f'run directory: {self.run_dir}')
-        evaluated = 'validation' if a.val_examples else DATASETS[a.dataset].get('test_split', 'test')
         self.log(f'{a.method} on {a.dataset}, {a.arch} (width {a.width}): '
                  f'{len(self.train_loader.labels)} training images, '
-                 f'{len(self.eval_loader.labels)} {evaluated} images, device {self.device}, '
+                 f'{len(self.eval_loader.labels)} {self.evaluated_split()} images, '
+                 f'device {self.device}, '
                  f'epochs {self.epoch + 1}..{a.epochs}')
         with StopSignal() as stop:
             for epoch in range(self.epoch, a.epochs):
@@ -534,8 +543,7 @@ class Trainer:
                 else 'the student was'
             self.log(f'{models} bitwise identical on all {self.dist.world_size} processes '
                      'after every epoch')
-        self.log(f'done: best {"validation" if a.val_examples else "test"} PGD accuracy '
-                 f'{self.best_pgd:.4f}; '
+        self.log(f'done: best {self.evaluated_split()} PGD accuracy {self.best_pgd:.4f}; '
                  f'best_model.pth and final_model.pth in {self.run_dir}')
         self.release()
         return 0
@@ -628,7 +636,7 @@ class Trainer:
                    teacher_updates=self.stats['teacher_updates'],
                    test_clean_acc=clean, test_pgd_acc=pgd,
                    alarm_fgsm_acc=alarm_fgsm, alarm_pgd_acc=alarm_pgd)
-        split = 'val' if a.val_examples else 'test'
+        split = self.evaluated_split()
         row = dict(zip(metric_fields(a.val_examples), row.values()))
         self.history.append(row)
         if pgd > self.best_pgd:
@@ -731,7 +739,8 @@ def seed_everything(seed):
 
 def new_run_dir(args):
     """A new directory in --out_dir, named after the run; race-free under concurrent starts."""
-    base = os.path.join(args.out_dir, f'{args.dataset}-{args.method}-seed{args.seed}-'
+    arch = '' if args.arch == 'preactresnet18' else f'{args.arch}-'
+    base = os.path.join(args.out_dir, f'{args.dataset}-{arch}{args.method}-seed{args.seed}-'
                                       f'{time.strftime("%Y%m%d-%H%M%S")}')
     os.makedirs(args.out_dir, exist_ok=True)
     for n in itertools.count():

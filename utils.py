@@ -737,9 +737,18 @@ def load_model_weights(path, dataset, arch=None, width=None, script=''):
     if arch is None:
         raise InputError(f'{path} is not a checkpoint of {", ".join(ARCHS)} (its keys are '
                          f'none of theirs); --arch names the architecture')
-    spec, head = DATASETS[dataset], f'{ARCHS[arch].head}.weight'
-    if head not in state or ARCHS[arch].width_key not in state:
-        raise InputError(f'{path} is not a {arch} checkpoint (no {head})')
+    spec, head, width_key = DATASETS[dataset], f'{ARCHS[arch].head}.weight', ARCHS[arch].width_key
+    if head not in state or width_key not in state or state[head].dim() != 2 or \
+            state[width_key].dim() != 4:
+        raise InputError(f'{path} is not a {arch} checkpoint (no {head} and {width_key} of '
+                         'the right kind)')
+    # A tensor saved as an expanded view stores one element for a shape of any size: the
+    # shapes must be backed by data in the file before a model of their size is built.
+    hollow = [k for k, v in state.items()
+              if v.untyped_storage().nbytes() < v.numel() * v.element_size()]
+    if hollow:
+        raise InputError(f'{path}: {one_line(", ".join(hollow), 120)} hold(s) less data than '
+                         'their shape; not a saved model')
     found_classes, found_width = num_classes_of(arch, state), width_of(arch, state)
     if found_classes != spec['num_classes']:
         raise InputError(f'{path} is a {found_classes}-class model; {script} evaluates '
@@ -751,9 +760,13 @@ def load_model_weights(path, dataset, arch=None, width=None, script=''):
     if not_finite:
         raise InputError(f'{path}: {len(not_finite)} tensor(s) hold NaN or inf '
                          f'({one_line(", ".join(not_finite), 120)}); these weights are unusable')
-    model = build_model(arch, found_classes, found_width, spec['image_size'],
-                        NORMALIZATION.get(dataset))
     try:
+        # Shapes first, on the meta device (no memory), then the model for real.
+        with torch.device('meta'):
+            build_model(arch, found_classes, found_width, spec['image_size']).load_state_dict(
+                state, assign=True)
+        model = build_model(arch, found_classes, found_width, spec['image_size'],
+                            NORMALIZATION.get(dataset))
         model.load_state_dict(state)
     except RuntimeError as e:
         raise InputError(f'{path} does not fit {arch} of width {found_width} for '

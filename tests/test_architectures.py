@@ -228,6 +228,14 @@ def test_tiny_imagenet_defaults_are_the_authors():
     assert hp.num_classes == 200
 
 
+def test_a_tiny_imagenet_resume_compares_only_the_flags_written():
+    """Its own defaults (batch 64, ...) are not flags the user wrote: a run trained with
+    --batch-size 16 resumes with --resume alone."""
+    assert training.given_flags('tinyimagenet', ['--resume', 'run']) == {'resume'}
+    assert training.given_flags('tinyimagenet', ['--resume', 'run', '--batch-size', '16']) == \
+        {'resume', 'batch_size'}
+
+
 def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
     data = write_synthetic_tiny_imagenet(str(tmp_path / 'data'), num_classes=3, per_class=8,
                                          n_val=8, learnable=True)

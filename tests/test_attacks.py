@@ -230,6 +230,9 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path):
     ('truncated', None, 'not a loadable PyTorch weights file'),
     ('resumable', None, 'is a resumable training checkpoint'),
     ('extra-key', None, 'does not fit preactresnet18 of width 8 for 32x32 images'),
+    # 10^6 x 3 x 3 x 3 in one stored element: a 36 TB model from a 2 kB file
+    ('expanded', None, r'conv1.weight hold\(s\) less data than their shape'),
+    ('0-d', None, 'is not a preactresnet18 checkpoint'),
     ('nan', None, r'1 tensor\(s\) hold NaN or inf \(conv1.weight\); these weights are unusable'),
     ('inf', None, r'2 tensor\(s\) hold NaN or inf \(layer4.1.bn2.running_var, linear.weight\)'),
 ])
@@ -247,6 +250,10 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
         path.write_bytes(path.read_bytes()[:1000])
     elif content == 'resumable':
         save({'student': state, 'teacher': state, 'epoch': 3}, path)
+    elif content == 'expanded':
+        save({**state, 'conv1.weight': torch.zeros(1).expand(10 ** 6, 3, 3, 3)}, path)
+    elif content == '0-d':
+        save({**state, 'conv1.weight': torch.tensor(1.0)}, path)
     elif content == 'extra-key':
         save({**state, 'layer5.weight': torch.zeros(1)}, path)
     elif content == 'nan':

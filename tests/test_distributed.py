@@ -190,7 +190,7 @@ for method in ('mixkl', 'fgsm_rs'):
         single.append([p.grad for p in student.parameters()])
     expected = [(a + b) / 2 for a, b in zip(*single)]
     student = copy.deepcopy(model).train()
-    teacher = SyncedTeacher(student, hp.ema_value, dist) if method == 'mixkl' else None
+    teacher = SyncedTeacher(student, hp.ema_value, hp.ema_decay_max, dist) if method == 'mixkl' else None
     step(wrap_ddp(student, dist.device), teacher, rank)
     grads = [p.grad for p in student.parameters()]
     out[method] = dict(

@@ -302,7 +302,10 @@ def write_run(parent, name, flags, metrics, **config_entries):
     metrics.csv, model files."""
     run_dir = parent / name
     run_dir.mkdir()
-    args, _ = training.parse_args('cifar10', flags)
+    # The flags as that dataset's script and that architecture's defaults make them.
+    dataset = config_entries.get('dataset', 'cifar10')
+    args, _ = training.parse_args(dataset, ['--arch', config_entries.get('arch', 'preactresnet18'),
+                                            *flags])
     for flag in ('amp', 'channels_last'):
         if getattr(args, flag) is None:
             setattr(args, flag, True)  # as Trainer resolves them on CUDA

@@ -287,6 +287,9 @@ def damage(base, how, victim):
     elif how == 'sidecar garbage':
         with open(sidecar_path, 'wb') as f:
             f.write(b'\xff\x00{not json')
+    elif how == 'sidecar nested too deep':  # json's parser recurses: RecursionError
+        with open(sidecar_path, 'w') as f:
+            f.write('[' * 50000 + ']' * 50000)
     elif how == 'array deleted':
         os.remove(array_path)
     else:
@@ -294,7 +297,8 @@ def damage(base, how, victim):
 
 
 @pytest.mark.parametrize('how', [
-    'truncated', 'sidecar garbage', 'array deleted', 'forged: truncated',
+    'truncated', 'sidecar garbage', 'sidecar nested too deep', 'array deleted',
+    'forged: truncated',
     'forged: not an npy file', 'forged: another shape', 'forged: another dtype',
     'forged: fortran order', 'forged: a pickle that would create a file',
     'forged: a huge declared shape'])
