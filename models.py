@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from preactresnet import PreActResNet18
+from preactresnet import PreActResNet18, stage
 
 # The per-channel mean and std the authors normalised Tiny-ImageNet with (ImageNet's).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,19 +71,11 @@ class ResNet(nn.Module):
         self.normalize = normalize or nn.Identity()
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.in_planes = width
-        self.layer1 = self._make_layer(width, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(2 * width, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(4 * width, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(8 * width, num_blocks[3], stride=2)
+        self.layer1 = stage(BasicBlock, width, width, num_blocks[0], stride=1)
+        self.layer2 = stage(BasicBlock, width, 2 * width, num_blocks[1], stride=2)
+        self.layer3 = stage(BasicBlock, 2 * width, 4 * width, num_blocks[2], stride=2)
+        self.layer4 = stage(BasicBlock, 4 * width, 8 * width, num_blocks[3], stride=2)
         self.linear = nn.Linear(8 * width * (image_size // 32) ** 2, num_classes)
-
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for block_stride in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, block_stride))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x, return_features=False):
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
@@ -126,9 +118,7 @@ class WideBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, num_layers, in_planes, planes, stride):
         super().__init__()
-        self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else planes, planes,
-                                               stride if i == 0 else 1)
-                                     for i in range(num_layers)])
+        self.layer = stage(WideBlock, in_planes, planes, num_layers, stride)
 
     def forward(self, x):
         return self.layer(x)

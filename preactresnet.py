@@ -32,28 +32,26 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+def stage(block, in_planes, planes, num_blocks, stride):
+    """num_blocks blocks in a row: the first maps in_planes to planes at ``stride``."""
+    return nn.Sequential(*[block(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+                           for i in range(num_blocks)])
+
+
 class PreActResNet(nn.Module):
     def __init__(self, num_blocks, num_classes=10, width=64, image_size=32, normalize=None):
         super().__init__()
         self.num_classes = num_classes
         self.width = width
-        self.in_planes = width
         self.normalize = normalize or nn.Identity()
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(width, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(2 * width, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(4 * width, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(8 * width, num_blocks[3], stride=2)
+        self.layer1 = stage(PreActBlock, width, width, num_blocks[0], stride=1)
+        self.layer2 = stage(PreActBlock, width, 2 * width, num_blocks[1], stride=2)
+        self.layer3 = stage(PreActBlock, 2 * width, 4 * width, num_blocks[2], stride=2)
+        self.layer4 = stage(PreActBlock, 4 * width, 8 * width, num_blocks[3], stride=2)
         # A 4x4 average pool, as in the authors' models: one 512-d vector per 32x32 image,
         # a 2x2 grid of them (2048-d) per 64x64 Tiny-ImageNet image.
         self.linear = nn.Linear(8 * width * (image_size // 32) ** 2, num_classes)
-
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for block_stride in [stride] + [1] * (num_blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, block_stride))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x, return_features=False):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x))))))

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import ARCHS, NORMALIZATION, build_model, detect_arch, num_classes_of, width_of
+
 DATASETS = {
     'cifar10': dict(folder='cifar-10-batches-py', num_classes=10, label_key='labels',
                     train_files=[f'data_batch_{i}' for i in range(1, 6)],
@@ -724,7 +726,6 @@ def load_model_weights(path, dataset, arch=None, width=None, script=''):
     not a matching state_dict, and for weights holding NaN or inf: their model
     would be evaluated as if it were a result.
     """
-    from models import ARCHS, NORMALIZATION, build_model, detect_arch, num_classes_of, width_of
     state = safe_torch_load(path)
     if isinstance(state, dict) and 'teacher' in state and 'student' in state:
         raise InputError(f'{path} is a resumable training checkpoint; evaluate best_model.pth '
