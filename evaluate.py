@@ -17,9 +17,10 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
+from flags import default_eval_alpha
 from models import ARCHS
+from progress import progress
 from cli import HelpFormatter, pixel_units, positive_int, resolve_device, seed_int
 from utils import (DATASETS, InputError, atomic_write_text, check_writable_dir,
                    create_new_text_file, evaluate_batches, load_dataset, load_model_weights,
@@ -55,7 +56,8 @@ def build_parser(dataset):
                         'overwritten) and the AutoAttack logs go here')
     p.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data')
     p.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
-    p.add_argument('--alpha', type=pixel_units, default=2.0, help='PGD and C&W step, in /255')
+    p.add_argument('--alpha', type=pixel_units, default=None,
+                   help='PGD and C&W step, in /255 (default: eps/4, 2 at eps 8)')
     p.add_argument('--n_ex', '--n-ex', type=positive_int, default=10000,
                    help='evaluate the first N test images')
     p.add_argument('--batch_size', '--batch-size', type=positive_int, default=500)
@@ -108,7 +110,7 @@ def run_attack(model, name, x, y, args, log_path):
             attack = pgd_attack(epsilon, alpha, iters, args.restarts, loss)
             info = dict(loss=loss, iterations=iters, step_size=alpha, step_size_255=args.alpha,
                         restarts=args.restarts)
-        batches = tqdm(in_batches(x, y, args.batch_size), desc=LABELS[name], leave=False)
+        batches = progress(in_batches(x, y, args.batch_size), desc=LABELS[name], leave=False)
         correct, _ = evaluate_batches(model, batches, attack)
     return dict(accuracy=correct / len(y), correct=correct, n=len(y), **info,
                 seconds=round(time.time() - start, 2))
@@ -324,6 +326,8 @@ def numbered_suffix(results_path):
 
 def main(dataset, argv=None):
     args = build_parser(dataset).parse_args(argv)
+    if args.alpha is None:
+        args.alpha = default_eval_alpha(args.epsilon)
     try:
         run(dataset, args)
     except InputError as e:

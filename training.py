@@ -6,188 +6,35 @@ method's step (mixkl.STEPS) on every batch; ``Trainer.end_epoch`` evaluates the
 teacher, writes the metrics and a resumable checkpoint. Under torchrun, ddp.py
 wraps the student and the teacher; the step is the same.
 """
-import argparse
 import contextlib
-import csv
-import fcntl
 import hashlib
-import io
-import itertools
-import json
 import math
 import os
 import random
 import signal
-import socket
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
-
 import plots
-from cli import (HelpFormatter, cuda_default, enable_fast_cuda, nonnegative, number_in_range,
-                 pixel_units, positive_int, resolve_device, seed_int)
+import runs
+from cli import cuda_default, enable_fast_cuda, resolve_device
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import (STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, momentum_at,
                    temperature)
-from models import ARCHS, NORMALIZATION
+from flags import parse_args, resumed_args
+from models import NORMALIZATION
+from progress import progress
 from models import build_model as build_architecture
-from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text, attack_fgsm,
+from utils import (DATASETS, CifarLoader, InputError, atomic_save, attack_fgsm,
                    check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
                    load_dataset, pgd_attack, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
-# Command line
-
-DEFAULT_ALPHA = {'mixkl': 8.0, 'fgsm_rs': 10.0, 'n_fgsm': 8.0, 'pgd_at': 2.0}
-# Flags that may change when a run is resumed; every other one must match the run.
-RESUME_MAY_CHANGE = {'resume', 'device', 'data_dir', 'out_dir', 'amp', 'channels_last'}
-TRAINING_SCRIPTS = {'cifar10': 'MIX_KL_CIFAR10.py', 'cifar100': 'MIX_KL_CIFAR100.py',
-                    'tinyimagenet': 'MIX_KL_TinyImageNet.py'}
-
-# The authors' Tiny-ImageNet script differs from their CIFAR ones in these defaults (METHOD.md).
-DATASET_DEFAULTS = {
-    'tinyimagenet': dict(batch_size=64, lr_max=0.2, lamda=42.0, mixup_alpha=1.0, ema_value=0.55,
-                         ema_decay_max=0.55, con_reference='start', lr_schedule='cyclic',
-                         lr_peak=20 / 110, augment=False),
-}
-# What a run resumed from a checkpoint written before a flag existed had in its place.
-BEFORE_THE_FLAG = dict(arch='preactresnet18', val_examples=0, lr_peak=0.5,
-                       ema_decay_max=0.999, con_reference='clean', augment=True, attack_iters=10)
-
-
-def data_help(dataset):
-    if dataset == 'tinyimagenet':
-        return 'folder holding tiny-imagenet-200/ (train/<wnid>/images, val/images, ' \
-               'val/val_annotations.txt), or that folder itself'
-    return 'folder holding (or receiving) the python-pickle CIFAR files'
-
-
-def build_parser(dataset):
-    name = DATASETS[dataset]['name']
-    p = argparse.ArgumentParser(
-        description=f'Train a robust network on {name} with MIX-KL (or a baseline).',
-        formatter_class=HelpFormatter)
-    io = p.add_argument_group('data and output')
-    io.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data',
-                    help=data_help(dataset))
-    io.add_argument('--out_dir', '--out-dir', dest='out_dir', default='./output/',
-                    help='a run directory is created inside it')
-    io.add_argument('--resume', help='run directory (or its checkpoint.pth) to continue')
-    io.add_argument('--train-examples', type=positive_int, help='use only the first N training images')
-    io.add_argument('--eval-examples', type=positive_int, help='use only the first N test images')
-    io.add_argument('--val-examples', type=number_in_range(int, 0), default=0,
-                    help='hold the last N training images out, evaluate on them after every '
-                         'epoch and pick best_model.pth on them (Rice et al. 2020); 0: pick it '
-                         'on the test set, as the paper does')
-
-    m = p.add_argument_group('method (defaults: METHOD.md)')
-    m.add_argument('--method', choices=list(STEPS), default='mixkl',
-                   help='baselines, without a teacher: fgsm_rs, FGSM from a uniform random '
-                        'start (Wong et al. 2020); n_fgsm, FGSM from 2-eps noise, unprojected '
-                        '(de Jorge et al. 2022); pgd_at, PGD-10 (Madry et al. 2018)')
-    m.add_argument('--arch', choices=list(ARCHS), default='preactresnet18',
-                   help='resnet18: the authors\' default; wrn34-10: WideResNet-34-10')
-    m.add_argument('--epochs', type=positive_int, default=110)
-    m.add_argument('--batch-size', type=positive_int, default=128)
-    m.add_argument('--lr-schedule', choices=['multistep', 'cyclic'], default='multistep')
-    m.add_argument('--lr-peak', type=number_in_range(float, 0, 1, low_open=True), default=0.5,
-                   help='cyclic: the fraction of training at which the learning rate peaks '
-                        '(Tiny-ImageNet: 20/110, the authors\' 20 of 110 epochs)')
-    m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
-    m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
-    m.add_argument('--momentum-min', type=number_in_range(float, 0, 1), default=0.8,
-                   help='cyclic: momentum falls from --momentum to this as the learning rate '
-                        'rises to its peak, as torch\'s CyclicLR does in the authors\' runs; '
-                        'equal to --momentum keeps it constant')
-    m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
-    m.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
-    m.add_argument('--alpha', type=pixel_units, default=None,
-                   help='attack step, in /255 (default 8 for mixkl and n_fgsm, 10 for fgsm_rs, '
-                        '2 for pgd_at)')
-    m.add_argument('--attack-iters', type=positive_int, default=10, help='pgd_at: PGD steps')
-    m.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True,
-                   help='random crop (4-pixel zero padding) and horizontal flip of the '
-                        'training images')
-    m.add_argument('--delta-init', choices=['random', 'zero'], default='random',
-                   help='zero: start the FGSM step at the mixed image itself')
-    m.add_argument('--mixup-alpha', type=nonnegative, default=0.4, help='0 turns mixup off')
-    m.add_argument('--lamda', type=nonnegative, default=12.0,
-                   help='weight of the consistency term (0 turns it off)')
-    m.add_argument('--tau0', type=number_in_range(float, 0, low_open=True), default=2.0)
-    m.add_argument('--gamma', type=number_in_range(float, 0, 1, low_open=True), default=0.99,
-                   help='temperature decay per epoch')
-    m.add_argument('--tau-schedule', choices=['geometric', 'constant'], default='geometric')
-    m.add_argument('--lambda-kl-base', type=nonnegative, default=1.0,
-                   help='weight of the KL term at tau0 (0 turns it off)')
-    m.add_argument('--ema-value', type=number_in_range(float, 0, 1, low_open=True), default=0.82,
-                   help='teacher update when adv/clean accuracy of the batch is below this')
-    m.add_argument('--ema-decay-max', type=number_in_range(float, 0, 1), default=0.999,
-                   help='the teacher\'s decay is min(this, (k+1)/(k+10)) after k updates')
-    m.add_argument('--con-reference', choices=['clean', 'start'], default='clean',
-                   help='consistency denominator: mse(xm+delta, xm), or mse(xm+delta, xm+delta0) '
-                        'as the authors\' Tiny-ImageNet script has it')
-
-    e = p.add_argument_group('per-epoch evaluation')
-    e.add_argument('--pgd-iters', type=positive_int, default=10)
-    e.add_argument('--pgd-alpha', type=pixel_units, default=2.0, help='PGD step, in /255')
-    e.add_argument('--eval-batch-size', type=positive_int, default=512)
-    e.add_argument('--alarm-examples', type=positive_int, default=512,
-                   help='training images watched for catastrophic overfitting')
-
-    r = p.add_argument_group('machine')
-    r.add_argument('--seed', type=seed_int, default=0)
-    r.add_argument('--width', type=positive_int, default=None,
-                   help='base width of the ResNets (default 64), widen factor of the '
-                        'WideResNet (default 10)')
-    r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
-    r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='bf16 autocast in the training forwards; evaluation stays fp32 '
-                        '(default: on for CUDA, off on CPU, where it is fast only with '
-                        'AVX512-BF16 or AMX)')
-    r.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
-                   help='keep the models in the channels_last memory format '
-                        '(default: on for CUDA, off on CPU)')
-    r.add_argument('--sync-bn', action='store_true',
-                   help='under torchrun: batch-norm statistics over the global batch '
-                        '(SyncBatchNorm, CUDA only) instead of per process')
-    p.set_defaults(**DATASET_DEFAULTS.get(dataset, {}))
-    return p
-
-
-def parse_args(dataset, argv=None):
-    parser = build_parser(dataset)
-    args = parser.parse_args(argv)
-    if not args.resume:  # a resumed run keeps its own settings
-        if args.alpha is None:
-            args.alpha = DEFAULT_ALPHA[args.method]
-        if args.width is None:
-            args.width = ARCHS[args.arch].default_width
-        if args.lr_schedule == 'cyclic' and args.momentum_min > args.momentum:
-            parser.error(f'--momentum {args.momentum:g}: the cyclic schedule lowers the momentum '
-                         f'to --momentum-min ({args.momentum_min:g}), which must not exceed it; '
-                         'give --momentum-min too (equal to --momentum: constant momentum)')
-    try:
-        torch.device(args.device or 'cpu')
-    except RuntimeError as e:
-        parser.error(f'--device: {e}')
-    args.dataset = dataset
-    parser.given_flags = given_flags(dataset, argv)
-    return args, parser
-
-
-def given_flags(dataset, argv):
-    """The flags written on the command line (their dests), whether or not equal to the default."""
-    quiet = build_parser(dataset)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    quiet._defaults.clear()  # the dataset's own defaults (DATASET_DEFAULTS) were not written either
-    return set(vars(quiet.parse_args(argv)))
-
+# Flags (flags.py) to the step's settings
 
 def hyperparameters(args):
     """The step's settings from the flags, in final units: the one place where /255 is applied."""
@@ -202,28 +49,7 @@ def hyperparameters(args):
 
 
 # ---------------------------------------------------------------------------
-# Catastrophic overfitting alarm
-
-def overfitting_alarm(fgsm_accs, pgd_accs):
-    """True when PGD accuracy fell below half its best while FGSM accuracy did not."""
-    if not pgd_accs or max(pgd_accs) <= 0:
-        return False
-    return pgd_accs[-1] < 0.5 * max(pgd_accs) and fgsm_accs[-1] >= 0.5 * max(fgsm_accs)
-
-
-# ---------------------------------------------------------------------------
 # Resumable state
-
-CHECKPOINT_FORMAT = 'mixkl-resumable-1'
-METRIC_FIELDS = ['epoch', 'seconds', 'eval_seconds', 'lr', 'train_loss', 'train_acc', 'tau',
-                 'kl_weight', 'teacher_updates', 'test_clean_acc', 'test_pgd_acc',
-                 'alarm_fgsm_acc', 'alarm_pgd_acc']
-
-
-def metric_fields(val_examples):
-    """The columns of metrics.csv: with --val-examples the per-epoch accuracies are val_*."""
-    return [f.replace('test_', 'val_') if val_examples else f for f in METRIC_FIELDS]
-
 
 def rng_state():
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
@@ -244,30 +70,23 @@ def set_rng_state(state):
 
 
 def read_resume_checkpoint(args, parser):
-    """Load the checkpoint named by --resume and merge the run's flags into ``args``."""
+    """Load the checkpoint named by --resume and merge the run's flags into ``args``.
+
+    Returns (args, checkpoint, run directory). A checkpoint whose weights are not
+    finite (or beyond WEIGHT_LIMIT) is refused here, before any step.
+    """
     path = args.resume
     if os.path.isdir(path):
-        path = os.path.join(path, 'checkpoint.pth')
+        path = os.path.join(path, runs.CHECKPOINT)
     if not os.path.isfile(path):
         raise InputError(f'--resume {args.resume}: no resumable checkpoint at {path}')
-    checkpoint = safe_torch_load(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get('format') != CHECKPOINT_FORMAT:
-        raise InputError(f'--resume {path}: not a resumable checkpoint of this project')
-    saved = {**BEFORE_THE_FLAG, 'momentum_min': checkpoint['args']['momentum'],
-             **checkpoint['args']}
-    if saved['dataset'] != args.dataset:
-        raise InputError(f'--resume {path}: that is a {DATASETS[saved["dataset"]]["name"]} run; '
-                         f'resume it with {TRAINING_SCRIPTS[saved["dataset"]]}')
-    merged = dict(saved, device=args.device, resume=args.resume)
-    for key in sorted(parser.given_flags - {'device', 'resume'}):
-        value = getattr(args, key)
-        if key in RESUME_MAY_CHANGE:
-            merged[key] = value
-        elif value != saved.get(key):
-            flag = '--' + key.replace('_', '-')
-            raise InputError(f'--resume {path}: the run was trained with {flag} {saved.get(key)}, '
-                             f'not {value}')
-    return argparse.Namespace(**merged), checkpoint, os.path.dirname(os.path.abspath(path))
+    checkpoint = runs.read_checkpoint(path)
+    merged = resumed_args(args, parser.given_flags, checkpoint['args'], path)
+    bad = tensors_diverged({name: checkpoint.get(name) for name in ('student', 'teacher')})
+    if bad is not None:
+        raise InputError(f'--resume {path}: {bad} is not finite or beyond {WEIGHT_LIMIT:g}; '
+                         'this checkpoint cannot be trained on')
+    return merged, checkpoint, os.path.dirname(os.path.abspath(path))
 
 
 class Diverged(Exception):
@@ -286,8 +105,17 @@ def weights_diverged(models):
     One fused max-abs per model and one host sync for all of them (this runs after
     every step); the tensors are named only when one is bad.
     """
-    states = {name: {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-              for name, model in models.items()}
+    return tensors_diverged({name: model.state_dict() for name, model in models.items()})
+
+
+def tensors_diverged(state_dicts):
+    """``weights_diverged`` for {name: state_dict or None}."""
+    states = {name: {k: v for k, v in state.items()
+                     if isinstance(v, torch.Tensor) and v.is_floating_point()}
+              for name, state in state_dicts.items() if isinstance(state, dict)}
+    states = {name: state for name, state in states.items() if state}
+    if not states:
+        return None
     largest = torch.stack([torch.stack(torch._foreach_norm(list(state.values()), float('inf')))
                            .max() for state in states.values()]).max()
     if largest <= WEIGHT_LIMIT:  # False for NaN too
@@ -358,8 +186,9 @@ class Trainer:
             args, checkpoint, self.run_dir = read_resume_checkpoint(args, parser)
             check_world_size(checkpoint, self.run_dir, self.dist.world_size)
             if self.dist.is_main:
-                self._lock = lock_run_dir(self.run_dir)
-                remove_leftover_temporaries(self.run_dir)
+                self._lock = runs.lock_run_dir(self.run_dir)
+                runs.remove_leftover_temporaries(self.run_dir)
+            runs.check_checkpoint_matches_config(self.run_dir, checkpoint)
             use_threads_of(checkpoint)
         self.args = args
         self.device = self.dist.device if self.dist.enabled else resolve_device(args.device)
@@ -388,10 +217,11 @@ class Trainer:
             raise InputError(f'--resume {self.run_dir}: {args.data_dir} holds other data than '
                              'the run was trained on (the SHA-256 in config.json differs)')
         if checkpoint is None:
-            self.run_dir = self.dist.broadcast_object(new_run_dir(args) if self.dist.is_main
-                                                      else None)
+            self.run_dir = self.dist.broadcast_object(
+                runs.new_run_dir(args.out_dir, args.dataset, args.arch, args.method, args.seed)
+                if self.dist.is_main else None)
             if self.dist.is_main:
-                self._lock = lock_run_dir(self.run_dir)
+                self._lock = runs.lock_run_dir(self.run_dir)
         self._build_models()
         self.epoch, self.step, self.stats = 0, 0, new_epoch_stats()
         self.history, self.best_pgd = [], -1.0
@@ -399,11 +229,12 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         elif self.dist.is_main:
-            atomic_write_text(self.path('config.json'), json.dumps(self.config(), indent=2))
+            runs.write_config(self.run_dir, self.config())
 
     def what_is_kept(self):
-        """After a divergence, which files are left, in words: all of them are from before it."""
-        kept = [n for n in ('checkpoint.pth', 'best_model.pth') if os.path.exists(self.path(n))]
+        """After a divergence, which files are left, in words: those from before it whose
+        weights are finite (a file that was deleted or holds bad values is not named)."""
+        kept = [n for n in (runs.CHECKPOINT, runs.BEST) if self._usable(n)]
         if not kept:
             return f'Nothing was saved in {self.run_dir} before it diverged.'
         return f'Kept in {self.run_dir}, from before it diverged: {", ".join(kept)}.'
@@ -415,6 +246,16 @@ class Trainer:
             return 'validation'
         return DATASETS[self.args.dataset].get('test_split', 'test')
 
+    def _usable(self, name):
+        """The run directory's file ``name`` exists and its weights are finite."""
+        try:
+            saved = safe_torch_load(self.path(name))
+        except InputError:
+            return False
+        state = {'checkpoint': saved.get('student'), 'teacher': saved.get('teacher')} \
+            if name == runs.CHECKPOINT else {'model': saved}
+        return tensors_diverged(state) is None
+
     def path(self, name):
         return os.path.join(self.run_dir, name)
 
@@ -422,7 +263,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         print(message, flush=True)
-        with open(self.path('train.log'), 'a') as f:
+        with open(self.path(runs.LOG), 'a') as f:
             f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
 
     def config(self):
@@ -533,8 +374,9 @@ class Trainer:
                     # Under torchrun a rank that got no signal stops because another did.
                     return 128 + (stop.signum or signal.SIGTERM)
         if self.dist.is_main:
-            atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
             plots.plot_curves(self.history, self.path('curves.png'))
+            # Written last: a run directory with final_model.pth is a finished run.
+            atomic_save(self.eval_model.state_dict(), self.path(runs.FINAL))
         # Leave together: a rank that tears down its process group while rank 0 is still
         # writing can abort gloo's connection threads.
         self.dist.barrier()
@@ -543,8 +385,9 @@ class Trainer:
                 else 'the student was'
             self.log(f'{models} bitwise identical on all {self.dist.world_size} processes '
                      'after every epoch')
+        saved = ' and '.join(n for n in (runs.BEST, runs.FINAL) if os.path.exists(self.path(n)))
         self.log(f'done: best {self.evaluated_split()} PGD accuracy {self.best_pgd:.4f}; '
-                 f'best_model.pth and final_model.pth in {self.run_dir}')
+                 f'{saved} in {self.run_dir}')
         self.release()
         return 0
 
@@ -559,9 +402,10 @@ class Trainer:
         step = STEPS[self.args.method]
         self.student.train()
         start = time.time()
-        batches = tqdm(self.train_loader.batches(epoch, self.step), total=len(self.train_loader),
-                       initial=self.step, desc=f'epoch {epoch + 1}/{self.args.epochs}',
-                       leave=False, disable=not self.dist.is_main)
+        batches = progress(self.train_loader.batches(epoch, self.step),
+                           total=len(self.train_loader), initial=self.step, unit='steps',
+                           desc=f'epoch {epoch + 1}/{self.args.epochs}', leave=False,
+                           disable=not self.dist.is_main)
         for x, y in batches:
             # Under torchrun only the stop agreed by all ranks counts (same step everywhere).
             if (self._stop_agreed if self.dist.enabled else stop.signum is not None):
@@ -637,22 +481,22 @@ class Trainer:
                    test_clean_acc=clean, test_pgd_acc=pgd,
                    alarm_fgsm_acc=alarm_fgsm, alarm_pgd_acc=alarm_pgd)
         split = self.evaluated_split()
-        row = dict(zip(metric_fields(a.val_examples), row.values()))
+        row = dict(zip(runs.metric_fields(a.val_examples), row.values()))
         self.history.append(row)
         if pgd > self.best_pgd:
             self.best_pgd = pgd
             if self.dist.is_main:
-                atomic_save(self.eval_model.state_dict(), self.path('best_model.pth'))
+                atomic_save(self.eval_model.state_dict(), self.path(runs.BEST))
         self.epoch, self.step, self.stats = epoch + 1, 0, new_epoch_stats()
         self.save_checkpoint()
         if self.dist.is_main:
-            write_metrics(self.path('metrics.csv'), self.history,
-                          metric_fields(a.val_examples))
+            runs.write_metrics(self.path(runs.METRICS), self.history,
+                               runs.metric_fields(a.val_examples))
         self.log(f'epoch {epoch + 1}/{a.epochs}  {row["seconds"]:.1f}s+{row["eval_seconds"]:.1f}s  '
                  f'lr {row["lr"]:.4g}  loss {row["train_loss"]:.4f}  train acc {row["train_acc"]:.4f}  '
                  f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
                  f'{split} clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
-        if overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
+        if runs.overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
                              [r['alarm_pgd_acc'] for r in self.history]):
             self.log(f'WARNING: catastrophic overfitting? On {len(self.alarm_batch[1])} training '
                      f'images PGD accuracy fell to {alarm_pgd:.4f} (best '
@@ -698,7 +542,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         checkpoint = {
-            'format': CHECKPOINT_FORMAT, 'args': vars(self.args),
+            'args': vars(self.args),
             'student': self.student.state_dict(),
             'teacher': self.teacher.model.state_dict() if self.teacher is not None else None,
             'teacher_updates': self.teacher.updates if self.teacher is not None else 0,
@@ -709,7 +553,7 @@ class Trainer:
         }
         if self.dist.enabled:
             checkpoint.update(world_size=self.dist.world_size, rng_per_rank=states)
-        atomic_save(checkpoint, self.path('checkpoint.pth'))
+        runs.save_checkpoint(self.run_dir, checkpoint)
 
     def _restore(self, checkpoint):
         self.student.load_state_dict(checkpoint['student'])
@@ -723,7 +567,7 @@ class Trainer:
         self.history = checkpoint['history']
         set_rng_state(checkpoint['rng_per_rank'][self.dist.rank] if self.dist.enabled
                       else checkpoint['rng'])
-        self.log(f'resumed from {self.path("checkpoint.pth")} at epoch {self.epoch + 1}, '
+        self.log(f'resumed from {self.path(runs.CHECKPOINT)} at epoch {self.epoch + 1}, '
                  f'step {self.step}')
 
 
@@ -735,54 +579,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def new_run_dir(args):
-    """A new directory in --out_dir, named after the run; race-free under concurrent starts."""
-    arch = '' if args.arch == 'preactresnet18' else f'{args.arch}-'
-    base = os.path.join(args.out_dir, f'{args.dataset}-{arch}{args.method}-seed{args.seed}-'
-                                      f'{time.strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(args.out_dir, exist_ok=True)
-    for n in itertools.count():
-        run_dir = f'{base}-{n}' if n else base
-        try:
-            os.mkdir(run_dir)  # fails if another start took the name in between
-            return os.path.abspath(run_dir)
-        except FileExistsError:
-            continue
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on run.lock in the run directory, held while this process trains there.
-
-    flock's lock belongs to the open file: the kernel drops it when the process
-    ends, however it ends, so a killed run leaves no lock that blocks a resume.
-    """
-    f = open(os.path.join(run_dir, 'run.lock'), 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or 'another process'
-        f.close()
-        raise InputError(f'{run_dir} is in use: {holder} is training in it; one process '
-                         'at a time (wait for it, or stop it and resume)')
-    f.seek(0)
-    f.truncate()
-    f.write(f'process {os.getpid()} on {socket.gethostname()}\n')
-    f.flush()
-    return f
-
-
-# The files a run writes atomically: a kill during a write leaves '.NAME.XXXXXXXX' behind.
-RUN_FILES = ('checkpoint.pth', 'best_model.pth', 'final_model.pth', 'metrics.csv',
-             'config.json', 'curves.png')
-
-
-def remove_leftover_temporaries(run_dir):
-    for name in os.listdir(run_dir):
-        if any(name.startswith(f'.{f}.') for f in RUN_FILES):
-            os.unlink(os.path.join(run_dir, name))
 
 
 def use_threads_of(checkpoint):
@@ -833,14 +629,6 @@ def build_model(arch, dataset, width, device, channels_last):
     model = build_architecture(arch, spec['num_classes'], width, spec['image_size'],
                                NORMALIZATION.get(dataset)).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def write_metrics(path, rows, fields=METRIC_FIELDS):
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, out.getvalue())
 
 
 def main(dataset, argv=None):

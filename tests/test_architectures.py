@@ -14,14 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import flags
 import mixkl
 import models
+import runs
 import training
 from conftest import run_script, same_weights, the_run_dir
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
 from utils import InputError, load_dataset, load_model_weights
 
-SMALL = {'preactresnet18': 4, 'resnet18': 4, 'wrn34-10': 1}  # --width of a quick CPU model
+SMALL = {'preactresnet18': 8, 'resnet18': 8, 'wrn34-10': 1}  # --width of a quick CPU model
 
 
 # ---------------------------------------------------------------------------
@@ -149,13 +151,13 @@ GRID = [('resnet18', 'mixkl'), ('wrn34-10', 'mixkl'), ('preactresnet18', 'n_fgsm
 @pytest.mark.parametrize('arch, method', GRID)
 def test_every_architecture_and_method_trains_and_evaluates_end_to_end(arch, method, cifar_dir,
                                                                         tmp_path):
-    flags = ['--arch', arch, '--method', method, '--width', str(SMALL[arch]), *TINY_RUN]
+    argv = ['--arch', arch, '--method', method, '--width', str(SMALL[arch]), *TINY_RUN]
     if method == 'pgd_at':
-        flags += ['--attack-iters', '3']
+        argv += ['--attack-iters', '3']
     run_dir, config, rows, report = train_and_evaluate('MIX_KL_CIFAR10.py', 'test_cifar10.py',
-                                                       cifar_dir, tmp_path, flags)
+                                                       cifar_dir, tmp_path, argv)
     assert (config['arch'], config['method'], config['width']) == (arch, method, SMALL[arch])
-    assert config['alpha'] == training.DEFAULT_ALPHA[method]
+    assert config['alpha'] == flags.default_alpha(method, 8)
     assert [row['epoch'] for row in rows] == ['1', '2']
     assert all(np.isfinite(float(row['train_loss'])) for row in rows)
     # MIX-KL saves its teacher, an average of the student; the baselines the student itself.
@@ -173,7 +175,7 @@ def test_every_architecture_and_method_trains_and_evaluates_end_to_end(arch, met
 
 
 def test_validation_split_is_held_out_and_picks_the_best_model(cifar_dir, tmp_path):
-    flags = [*TINY_RUN, '--width', '4', '--val-examples', '12', '--lr-schedule', 'cyclic',
+    flags = [*TINY_RUN, '--width', '8', '--val-examples', '12', '--lr-schedule', 'cyclic',
              '--lr-peak', '1']
     run_dir, config, rows, _ = train_and_evaluate('MIX_KL_CIFAR10.py', 'test_cifar10.py',
                                                   cifar_dir, tmp_path, flags)
@@ -203,7 +205,7 @@ def test_a_checkpoint_from_before_the_new_flags_resumes_as_it_was_trained(tmp_pa
                  'con_reference', 'augment', 'attack_iters'):
         del old_args[flag]
     path = tmp_path / 'checkpoint.pth'
-    torch.save({'format': training.CHECKPOINT_FORMAT, 'args': old_args}, path)
+    torch.save({'format': runs.CHECKPOINT_FORMAT, 'args': old_args}, path)
     args, parser = training.parse_args('cifar10', ['--resume', str(path)])
     merged, _, _ = training.read_resume_checkpoint(args, parser)
     assert (merged.arch, merged.val_examples, merged.augment) == ('preactresnet18', 0, True)
@@ -231,15 +233,15 @@ def test_tiny_imagenet_defaults_are_the_authors():
 def test_a_tiny_imagenet_resume_compares_only_the_flags_written():
     """Its own defaults (batch 64, ...) are not flags the user wrote: a run trained with
     --batch-size 16 resumes with --resume alone."""
-    assert training.given_flags('tinyimagenet', ['--resume', 'run']) == {'resume'}
-    assert training.given_flags('tinyimagenet', ['--resume', 'run', '--batch-size', '16']) == \
+    assert flags.given_flags('tinyimagenet', ['--resume', 'run']) == {'resume'}
+    assert flags.given_flags('tinyimagenet', ['--resume', 'run', '--batch-size', '16']) == \
         {'resume', 'batch_size'}
 
 
 def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
     data = write_synthetic_tiny_imagenet(str(tmp_path / 'data'), num_classes=3, per_class=8,
                                          n_val=8, learnable=True)
-    flags = ['--epochs', '2', '--width', '4', '--alarm-examples', '8', '--device', 'cpu',
+    flags = ['--epochs', '2', '--width', '8', '--alarm-examples', '8', '--device', 'cpu',
              '--eval-batch-size', '8']
     run_dir, config, rows, report = train_and_evaluate(
         'MIX_KL_TinyImageNet.py', 'test_tinyimagenet.py', data, tmp_path, flags)
@@ -250,7 +252,7 @@ def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
     assert report['dataset'] == 'tinyimagenet' and report['n_examples'] == 8
     assert (entry['arch'], entry['num_classes']) == ('preactresnet18', 200)
     model = load_model_weights(os.path.join(run_dir, 'final_model.pth'), 'tinyimagenet')
-    assert model.linear.in_features == 4 * 8 * 4, 'a 2x2 grid of pooled features per image'
+    assert model.linear.in_features == 4 * 8 * 8, 'a 2x2 grid of pooled features per image'
     # The cache made by the first run is what the evaluation read: the same images.
     assert os.path.exists(os.path.join(data, 'tiny-imagenet-200', '.mixkl-cache-val.npy'))
 

@@ -16,6 +16,7 @@ import torch
 
 import mixkl
 import plots
+import runs
 import summarize as summarize_module
 import training
 from conftest import ROOT, run_script, the_run_dir
@@ -214,14 +215,14 @@ def test_delta_init_zero_starts_the_fgsm_step_at_the_image(delta_init):
 
 def history(fgsm, pgd):
     """Metrics rows with the given alarm accuracies (the other columns are filler)."""
-    return [dict({k: 0.0 for k in training.METRIC_FIELDS}, epoch=i + 1, alarm_fgsm_acc=f,
+    return [dict({k: 0.0 for k in runs.METRIC_FIELDS}, epoch=i + 1, alarm_fgsm_acc=f,
                  alarm_pgd_acc=p) for i, (f, p) in enumerate(zip(fgsm, pgd))]
 
 
 def alarm_epochs(rows):
     """The epochs (1-based) after which the trainer's alarm fires."""
     return [n for n in range(1, len(rows) + 1)
-            if training.overfitting_alarm([r['alarm_fgsm_acc'] for r in rows[:n]],
+            if runs.overfitting_alarm([r['alarm_fgsm_acc'] for r in rows[:n]],
                                        [r['alarm_pgd_acc'] for r in rows[:n]])]
 
 
@@ -242,8 +243,8 @@ def test_alarm_is_silent_when_fgsm_falls_too():
     # Both attacks succeed more: the model got weaker, not gradient-masked.
     rows = history(fgsm=[0.40, 0.45, 0.10], pgd=[0.30, 0.35, 0.05])
     assert alarm_epochs(rows) == []
-    assert not training.overfitting_alarm([], [])
-    assert not training.overfitting_alarm([0.0, 0.0], [0.0, 0.0])
+    assert not runs.overfitting_alarm([], [])
+    assert not runs.overfitting_alarm([0.0, 0.0], [0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_plot_curves_writes_the_panels(tmp_path):
         row.update(test_clean_acc=0.5 + 0.1 * i, test_pgd_acc=0.2 + 0.05 * i,
                    train_loss=2.0 - 0.3 * i, tau=2 * 0.99 ** i, kl_weight=0.99 ** (2 * i))
     # As read back from metrics.csv: every number a string.
-    training.write_metrics(str(tmp_path / 'metrics.csv'), rows)
+    runs.write_metrics(str(tmp_path / 'metrics.csv'), rows)
     with open(tmp_path / 'metrics.csv', newline='') as f:
         rows_from_csv = list(csv.DictReader(f))
     path = str(tmp_path / 'curves.png')
@@ -313,9 +314,9 @@ def write_run(parent, name, flags, metrics, **config_entries):
               'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py',
               **config_entries}
     (run_dir / 'config.json').write_text(json.dumps(config))
-    rows = [dict({k: 0 for k in training.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
+    rows = [dict({k: 0 for k in runs.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
                  test_clean_acc=c, test_pgd_acc=p) for i, (s, e, c, p) in enumerate(metrics)]
-    training.write_metrics(str(run_dir / 'metrics.csv'), rows)
+    runs.write_metrics(str(run_dir / 'metrics.csv'), rows)
     for checkpoint in ('best_model.pth', 'final_model.pth'):
         (run_dir / checkpoint).write_bytes(f'weights of {name}/{checkpoint}'.encode())
     return run_dir
@@ -458,7 +459,12 @@ def test_summarize_shows_the_dataset_and_the_architecture(tmp_path, capsys, monk
     ('missing', 'no such file or directory'),
     ('empty', 'neither a run directory (no config.json) nor an evaluation'),
     ('bad_json', 'config.json: not valid JSON'),
-    ('not_a_config', 'config.json: not the config.json of a MIX_KL_CIFAR*.py run'),
+    ('not_a_config', 'config.json: not a JSON object of flags'),
+    ('edited_config', "config.json: not the config.json of a training run (method 'mixk')"),
+    ('deep_json', 'config.json: nested deeper than 32 levels'),
+    ('nan_metrics', 'metrics.csv, line 2: not a finite number'),
+    ('nan_results', 'results.json: not valid JSON (NaN is not a number'),
+    ('big_results', 'results.json: the aa accuracy 1.5 is not a number in [0, 1]'),
     ('bad_column', "metrics.csv: no column test_pgd_acc"),
     ('bad_number', 'metrics.csv, line 2: not a number'),
     ('bad_results', 'results.json: not a results.json'),
@@ -476,6 +482,18 @@ def test_summarize_reports_bad_input_in_one_line(tmp_path, capsys, problem, mess
         (run / 'config.json').write_text('{"method": ')
     elif problem == 'not_a_config':
         (run / 'config.json').write_text('[1, 2]')
+    elif problem == 'edited_config':
+        config = json.loads((run / 'config.json').read_text())
+        (run / 'config.json').write_text(json.dumps(dict(config, method='mixk')))
+    elif problem == 'deep_json':
+        (run / 'config.json').write_text('[' * 100000 + ']' * 100000)
+    elif problem == 'nan_metrics':
+        text = (run / 'metrics.csv').read_text().splitlines()
+        (run / 'metrics.csv').write_text(text[0] + '\n' + text[1].replace('0.25', 'nan') + '\n')
+    elif problem in ('nan_results', 'big_results'):
+        write_results(run / 'results.json', [(run / 'best_model.pth', '0' * 64, 0.3)])
+        (run / 'results.json').write_text((run / 'results.json').read_text().replace(
+            '0.3', 'NaN' if problem == 'nan_results' else '1.5'))
     elif problem == 'bad_column':
         (run / 'metrics.csv').write_text('epoch,seconds,eval_seconds,test_clean_acc\n1,2,3,0.5\n')
     elif problem == 'bad_number':
@@ -491,5 +509,17 @@ def test_summarize_reports_bad_input_in_one_line(tmp_path, capsys, problem, mess
         (tmp_path / 'results.json').write_text(json.dumps(report))
         extra = [tmp_path / 'results.json']
     code, out, err = summarize_in_process(capsys, run, *extra)
-    assert code == 2 and out == ''
     assert len(err.strip().splitlines()) == 1 and err.startswith('error: ') and message in err
+    assert code == 2 and 'nan' not in out.lower() and 'inf' not in out.lower()
+    # A results.json named on its own is left out; the run is still shown without it.
+    assert [r['run'] for r in table_rows(out)] == ['run'] if extra else out == ''
+
+
+def test_a_malformed_run_leaves_out_only_its_own_row(tmp_path, capsys):
+    good = write_run(tmp_path, 'good', [], [(60, 0, 0.5, 0.25)])
+    bad = write_run(tmp_path, 'bad', [], [(60, 0, 0.5, 0.25)])
+    (bad / 'results.json').write_text('{"results": [{"attacks": {"aa": {"accuracy": 7}}}]}')
+    code, out, err = summarize_in_process(capsys, good, bad)
+    assert code == 2 and [r['run'] for r in table_rows(out)] == ['good']
+    assert err.strip() == (f'error: {bad / "results.json"}: the aa accuracy 7 is not a number '
+                           f'in [0, 1]; run {bad} left out')

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import runs
 import training
 from conftest import load_weights, read_metrics, run_script, same_weights
 from conftest import run_dirs as run_dirs_in
@@ -51,7 +52,7 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
         model = PreActResNet18(classes, width=8)
         model.load_state_dict(load_weights(os.path.join(run_dir, name)))
     row, = read_metrics(run_dir)
-    assert set(row) == set(training.METRIC_FIELDS)
+    assert set(row) == set(runs.METRIC_FIELDS)
     assert row['epoch'] == '1'
     assert float(row['tau']) == 2.0 and float(row['kl_weight']) == 1.0
     checkpoint = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
@@ -113,7 +114,7 @@ def test_the_per_epoch_evaluation_runs_without_cudnn_autotuning(tmp_path, monkey
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', True)  # as training sets it on CUDA
     args, parser = training.parse_args('cifar10', [
         '--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
-        '--epochs', '2', '--batch-size', '16', '--width', '4', '--alarm-examples', '8'])
+        '--epochs', '2', '--batch-size', '16', '--width', '8', '--alarm-examples', '8'])
     assert training.Trainer(args, parser).fit() == 0
     assert autotuning_seen == [False, False]
     assert torch.backends.cudnn.benchmark is True, 'training steps keep it'
@@ -125,7 +126,7 @@ def test_what_a_gpu_run_does_runs_on_cpu(tmp_path, monkeypatch):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
     args, parser = training.parse_args('cifar10', [
         '--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
-        '--epochs', '1', '--batch-size', '16', '--width', '4', '--alarm-examples', '8',
+        '--epochs', '1', '--batch-size', '16', '--width', '8', '--alarm-examples', '8',
         '--amp', '--channels-last'])
     trainer = training.Trainer(args, parser)
     for model in (trainer.student, trainer.teacher.model):
@@ -315,7 +316,7 @@ def test_bad_data_and_output_give_one_line_errors_before_training(tmp_path):
 def tiny_args(tmp, *flags, data='data'):
     return training.parse_args('cifar10', [
         '--data-dir', str(tmp / data), '--out_dir', str(tmp / 'output'), '--epochs', '2',
-        '--batch-size', '16', '--width', '4', '--alarm-examples', '8', *flags])
+        '--batch-size', '16', '--width', '8', '--alarm-examples', '8', *flags])
 
 
 @pytest.fixture
@@ -381,7 +382,8 @@ def test_a_resume_uses_the_thread_count_of_the_run(monkeypatch, capsys):
 def test_concurrent_starts_get_distinct_run_directories(tmp_path):
     args = tiny_args(tmp_path)[0]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        made = list(pool.map(lambda _: training.new_run_dir(args), range(60)))
+        made = list(pool.map(lambda _: runs.new_run_dir(args.out_dir, 'cifar10', args.arch,
+                                                        args.method, args.seed), range(60)))
     assert len(set(made)) == 60 and all(os.path.isdir(d) for d in made)
 
 
@@ -422,7 +424,7 @@ def test_a_full_disk_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(training, 'atomic_save', no_space)
     argv = ['--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
-            '--epochs', '1', '--batch-size', '16', '--width', '4', '--alarm-examples', '8']
+            '--epochs', '1', '--batch-size', '16', '--width', '8', '--alarm-examples', '8']
     with pytest.raises(SystemExit) as exit_info:
         training.main('cifar10', argv)
     assert exit_info.value.code == 1
