@@ -23,7 +23,8 @@ from utils import InputError
 NOT_SHOWN_FLAGS = flags.LOCATION_FLAGS | {'method', 'arch'}
 TEST_SET_SIZE = 10000
 HEADER = ['run', 'dataset', 'arch', 'method', 'changed flags', 'epochs', 'best epoch',
-          'best clean', 'best PGD', 'final clean', 'final PGD', 'AA best', 'AA final', 'minutes']
+          'best clean', 'best PGD', 'final clean', 'final PGD', 'AA best', 'AA final',
+          'checks warned', 'minutes']
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +108,14 @@ def summary_row(run):
              f'{len(run["rows"])}/{config["epochs"]}']
             + accuracies
             + [autoattack(run['results'][key]['attacks'].get('aa')) for key in runs.MODELS]
-            + [minutes])
+            + [checks_warned(run), minutes])
+
+
+def checks_warned(run):
+    """How many gradient-masking checks of the evaluations warned, best and final together."""
+    if not any(run['results'][key]['attacks'] for key in runs.MODELS):
+        return '-'  # not evaluated
+    return str(sum(run['results'][key]['warnings'] for key in runs.MODELS))
 
 
 def markdown_table(header, rows):

@@ -381,13 +381,28 @@ def test_summarize_table(tmp_path):
         'run': 'base', 'dataset': 'cifar10', 'arch': 'preactresnet18', 'method': 'mixkl', 'changed flags': '(defaults)',
         'epochs': '3/110', 'best epoch': '2', 'best clean': '70.00%', 'best PGD': '45.00%',
         'final clean': '75.00%', 'final PGD': '40.00%', 'AA best': '41.23%',
-        'AA final': '39.87%', 'minutes': '3.0'}
+        'AA final': '39.87%', 'checks warned': '0', 'minutes': '3.0'}
     assert rows[1]['changed flags'] == '--epochs 3 --lambda-kl-base 0 --no-amp'
     assert (rows[1]['epochs'], rows[1]['AA best'], rows[1]['AA final'], rows[1]['minutes']) == \
         ('1/3', '-', '10.00% (n=1000)', '0.6')
     # fgsm_rs's own default step is 10/255: 8 is a change; mixkl's 8 is not.
     assert (rows[2]['method'], rows[2]['changed flags']) == ('fgsm_rs', '--alpha 8')
     assert (rows[2]['best PGD'], rows[2]['final PGD']) == ('0.00%', '0.00%')
+
+
+def test_summarize_counts_the_checks_that_warned(tmp_path, capsys):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    write_results(run / 'results.json', [(run / name, sha256_file(run / name), 0.3)
+                                         for name in ('best_model.pth', 'final_model.pth')])
+    report = json.loads((run / 'results.json').read_text())
+    for entry, verdicts in zip(report['results'], (['warn', 'pass', 'warn'], ['warn'])):
+        entry['checks'] = [dict(name=f'check {i}', verdict=v, numbers={}, meaning='.')
+                           for i, v in enumerate(verdicts)]
+    (run / 'results.json').write_text(json.dumps(report))
+    unevaluated = write_run(tmp_path, 'unevaluated', [], [(60, 0, 0.5, 0.25)])
+    code, out, err = summarize_in_process(capsys, run, unevaluated)
+    assert code == 0, err
+    assert [r['checks warned'] for r in table_rows(out)] == ['3', '-']
 
 
 def test_summarize_ignores_evaluations_of_other_weights(tmp_path, capsys):
