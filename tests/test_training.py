@@ -3,6 +3,7 @@ import concurrent.futures
 import errno
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -346,6 +347,71 @@ def test_a_resume_refuses_other_data(tiny_run):
     write_synthetic_cifar(str(tmp / 'other'), 'cifar10', n_train=32, n_test=16, seed=3)
     with pytest.raises(InputError, match='holds other data than the run was trained on'):
         resume(tmp, run_dir, data='other')
+
+
+def test_a_resume_refuses_a_checkpoint_from_another_run(tiny_run, tmp_path_factory):
+    tmp, run_dir = tiny_run
+    other_tmp = tmp_path_factory.mktemp('other')
+    write_synthetic_cifar(str(other_tmp / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    other = training.Trainer(*tiny_args(other_tmp, '--lr-max', '0.05', '--seed', '7'))
+    other.release()
+    shutil.copy(os.path.join(other.run_dir, 'config.json'), os.path.join(run_dir, 'config.json'))
+    with pytest.raises(InputError, match='checkpoint.pth does not belong to this run directory: '
+                                         r'seed differ\(s\) from config.json'):
+        resume(tmp, run_dir)
+
+
+@pytest.mark.parametrize('config_text, message', [
+    ('[1, 2]', 'config.json: not a JSON object of flags'),
+    ('{"method": ', 'config.json: not valid JSON'),
+    ('{"method": "mixkl"}', 'config.json: not the config.json of a training run'),
+])
+def test_a_resume_refuses_a_config_json_that_is_not_training_s(tiny_run, config_text, message):
+    tmp, run_dir = tiny_run
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+        f.write(config_text)
+    with pytest.raises(InputError, match=message):
+        resume(tmp, run_dir)
+
+
+def test_a_resume_refuses_a_config_json_edited_by_hand(tiny_run):
+    tmp, run_dir = tiny_run
+    path = os.path.join(run_dir, 'config.json')
+    config = json.load(open(path))
+    json.dump(dict(config, lamda=3.0), open(path, 'w'))
+    with pytest.raises(InputError, match='checkpoint.pth does not belong to this run directory: '
+                                         'lamda differ'):
+        resume(tmp, run_dir)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tiny_run):
+    tmp, run_dir = tiny_run
+    path = os.path.join(run_dir, 'checkpoint.pth')
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['teacher']['linear.bias'][0] = float('nan')
+    torch.save(checkpoint, path)
+    with pytest.raises(InputError, match='teacher linear.bias is not finite or beyond 1e.08; '
+                                         'this checkpoint cannot be trained on'):
+        resume(tmp, run_dir)
+
+
+def test_the_end_of_a_run_names_only_the_models_present(tmp_path, capsys):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--epochs', '1'))
+    real_save = training.atomic_save
+    # best_model.pth deleted (by hand, or never written): the message does not claim it.
+    training.atomic_save = lambda obj, path: None if path.endswith('best_model.pth') \
+        else real_save(obj, path)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        training.atomic_save = real_save
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f'final_model.pth in {trainer.run_dir}') and 'best_model' not in last
+    # After a divergence, a file whose weights are not finite is not called kept.
+    torch.save({'x': torch.tensor([float('inf')])}, os.path.join(trainer.run_dir, 'best_model.pth'))
+    assert 'best_model.pth' not in trainer.what_is_kept()
+    assert 'checkpoint.pth' in trainer.what_is_kept()
 
 
 def test_a_run_directory_takes_one_process_and_a_dead_ones_lock_does_not_block(tiny_run):
