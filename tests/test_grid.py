@@ -261,3 +261,43 @@ def read_cmdline(pid):
             return f.read().replace(b'\0', b' ').decode(errors='replace')
     except OSError:
         return ''
+
+
+def test_a_second_grid_waits_for_a_run_another_process_holds(finished_grid, data):
+    out, _ = finished_grid
+    folder = sorted((out / 'runs').iterdir())[0]
+    held = grid.lock(str(folder))  # as another grid process (or a run it left) would hold it
+    assert grid.lock(str(folder)) is None
+    proc = run_grid(out, data, '--method', 'mixkl', 'fgsm_rs', '--seed', '0', '1', *TINY, *EVAL,
+                    wait=False)
+    lines = []
+    while not any('waiting for' in line for line in lines):
+        lines.append(proc.stdout.readline())
+        assert lines[-1] or proc.poll() is None, ''.join(lines)
+    assert f'waiting for {folder.name}: another process runs it' in lines[-1]
+    held.close()
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and (''.join(lines) + rest).count('done ') == 4
+
+
+def test_logs_of_the_scripts_the_grid_ran_hold_no_progress_bars(finished_grid):
+    out, _ = finished_grid
+    for name in os.listdir(out / 'runs'):
+        for log in (grid.TRAIN_OUT, grid.EVAL_OUT):
+            text = (out / 'runs' / name / log).read_text()
+            assert 'epoch 2/2' in text or 'PGD-10' in text
+            assert '\r' not in text and 'it/s' not in text
+
+
+def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
+    parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
+                                             '--gpus', '0,1,2,3', '--gpus-per-run', '2'])
+    slots = grid.local_slots(parsed)
+    assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in slots] == ['0,1', '2,3']
+    assert grid.command(['MIX_KL_CIFAR10.py', '--seed', '1'], slots[0])[1:5] == \
+        ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
+                                             '--parallel', '2'])
+    assert [s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)] == \
+        [str(max(1, os.cpu_count() // 2))] * 2
+    assert grid.command(['a.py'], grid.Slot()) == [sys.executable, 'a.py']

@@ -1,0 +1,22 @@
+"""progress.py: bars on a terminal, a plain line every few minutes in a log."""
+import io
+
+import progress
+
+
+def test_plain_progress_writes_a_line_per_interval_not_per_step(monkeypatch):
+    clock = iter(range(0, 10000, 60))  # a minute per step
+    monkeypatch.setattr(progress.time, 'time', lambda: next(clock))
+    out = io.StringIO()
+    bar = progress.PlainProgress(range(20), desc='epoch 1/3', unit='steps', every_s=300,
+                                 stream=out)
+    bar.set_postfix(loss='1.234')
+    assert list(bar) == list(range(20))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4, lines  # 20 minutes of steps, a line each 5 minutes
+    assert lines[0] == 'epoch 1/3: 5/20 steps, 5.0 min, about 15.0 min left, loss=1.234'
+
+
+def test_a_log_file_gets_no_bar(monkeypatch):
+    monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
+    assert isinstance(progress.progress(range(3)), progress.PlainProgress)
