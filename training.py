@@ -534,7 +534,7 @@ class Trainer:
                     return 128 + (stop.signum or signal.SIGTERM)
         if self.dist.is_main:
             atomic_save(self.eval_model.state_dict(), self.path('final_model.pth'))
-            plots.plot_curves(self.history, self.path('curves.png'))
+            plots.plot_curves(self.history, self.path('curves.png'), a.method, a.epsilon, a.pgd_iters)
         # Leave together: a rank that tears down its process group while rank 0 is still
         # writing can abort gloo's connection threads.
         self.dist.barrier()
