@@ -374,7 +374,8 @@ class Trainer:
                     # Under torchrun a rank that got no signal stops because another did.
                     return 128 + (stop.signum or signal.SIGTERM)
         if self.dist.is_main:
-            plots.plot_curves(self.history, self.path('curves.png'))
+            plots.plot_curves(self.history, self.path(runs.CURVES), a.method, a.epsilon,
+                              a.pgd_iters)
             # Written last: a run directory with final_model.pth is a finished run.
             atomic_save(self.eval_model.state_dict(), self.path(runs.FINAL))
         # Leave together: a rank that tears down its process group while rank 0 is still

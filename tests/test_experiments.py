@@ -1,5 +1,5 @@
 """The experiments: the baseline and the ablation flags, the overfitting alarm,
-the training curves and the summary table.
+and the summary table (the curves: test_plots.py).
 
 The end-to-end runs go through MIX_KL_CIFAR10.py on a tiny synthetic CIFAR-10;
 the in-process tests show that each ablation flag really removes its loss term.
@@ -8,14 +8,12 @@ import copy
 import csv
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
 import torch
 
 import mixkl
-import plots
 import runs
 import summarize as summarize_module
 import training
@@ -245,54 +243,6 @@ def test_alarm_is_silent_when_fgsm_falls_too():
     assert alarm_epochs(rows) == []
     assert not runs.overfitting_alarm([], [])
     assert not runs.overfitting_alarm([0.0, 0.0], [0.0, 0.0])
-
-
-# ---------------------------------------------------------------------------
-# curves.png
-
-def png_size(path):
-    with open(path, 'rb') as f:
-        head = f.read(24)
-    assert head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR'
-    return struct.unpack('>II', head[16:24])
-
-
-def test_plot_curves_writes_the_panels(tmp_path):
-    rows = history(fgsm=[0.4, 0.5, 0.9], pgd=[0.3, 0.35, 0.0])
-    for i, row in enumerate(rows):
-        row.update(test_clean_acc=0.5 + 0.1 * i, test_pgd_acc=0.2 + 0.05 * i,
-                   train_loss=2.0 - 0.3 * i, tau=2 * 0.99 ** i, kl_weight=0.99 ** (2 * i))
-    # As read back from metrics.csv: every number a string.
-    runs.write_metrics(str(tmp_path / 'metrics.csv'), rows)
-    with open(tmp_path / 'metrics.csv', newline='') as f:
-        rows_from_csv = list(csv.DictReader(f))
-    path = str(tmp_path / 'curves.png')
-
-    titles = plots.plot_curves(rows_from_csv, path)
-
-    assert titles == ['Test accuracy', 'Training loss', 'Temperature and KL weight',
-                      'Overfitting alarm: student on training images']
-    assert png_size(path) == (1000, 700)
-    assert sorted(os.listdir(tmp_path)) == ['curves.png', 'metrics.csv']  # no temporary left
-    from PIL import Image
-    pixels = np.asarray(Image.open(path).convert('RGB')).reshape(-1, 3)
-    blue, orange = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
-    assert (pixels == blue).all(1).sum() > 1000 and (pixels == orange).all(1).sum() > 1000
-
-
-@pytest.mark.parametrize('epochs', [1, 3, 110])
-def test_curves_mark_only_whole_epochs(epochs):
-    rows = history(fgsm=[0.4] * epochs, pgd=[0.3] * epochs)
-    fig = plots.curves_figure(rows)
-    fig.draw_without_rendering()  # sets the tick labels as they are drawn
-    for ax in fig.axes:
-        low, high = ax.get_xlim()
-        ticks = [t for t in ax.get_xticks() if low <= t <= high]
-        labels = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
-        assert ticks and all(t == int(t) for t in ticks), (ax.get_title(), ticks)
-        assert all(label.lstrip('\N{MINUS SIGN}-').isdigit() for label in labels), labels
-        if epochs <= 3:
-            assert ticks == list(range(1, epochs + 1))
 
 
 # ---------------------------------------------------------------------------
