@@ -170,7 +170,7 @@ def parse_args(dataset, argv=None, strict=False):
     """
     parser = build_parser(dataset)
     if strict:
-        parser.error = _raise_input_error
+        parser.error = raise_input_error
     args = parser.parse_args(argv)
     if not args.resume:  # a resumed run keeps its own settings
         try:
@@ -186,7 +186,7 @@ def parse_args(dataset, argv=None, strict=False):
     return args, parser
 
 
-def _raise_input_error(message):
+def raise_input_error(message):
     raise InputError(message)
 
 

@@ -867,7 +867,7 @@ def parse(argv=None):
     axes, grid.eval_argv = sort_flags(grid.dataset, rest)
     # The evaluation flags, checked once by the test script's own parser.
     test_parser = evaluate.build_parser(grid.dataset)
-    test_parser.error = flags._raise_input_error
+    test_parser.error = flags.raise_input_error
     test_parser.parse_args(['--model_path', 'x', *grid.eval_argv])
     combos = combinations(grid.dataset, axes)
     # Absolute: a SLURM job may start in another directory.
