@@ -26,8 +26,6 @@ import argparse
 import contextlib
 import itertools
 import math
-import os
-import platform
 import resource
 import shlex
 import sys
@@ -39,10 +37,11 @@ import torch
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+import bf16_check
 import mixkl
 import training
 from cli import (HelpFormatter, cuda_default, enable_fast_cuda, number_in_range, positive_int,
-                 resolve_device, seed_int)
+                 print_header, resolve_device, seed_int)
 from synthetic import write_synthetic_cifar
 from models import ARCHS
 from utils import (CifarLoader, InputError, clamp, cudnn_autotuning, evaluate_batches,
@@ -85,19 +84,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------
 # The machine
-
-def describe_device(device):
-    if device.type == 'cuda':
-        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
-    model = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f
-                         if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{model}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads'
-
 
 def synchronize(device):
     """CUDA runs asynchronously: wait for queued work before reading the clock."""
@@ -348,12 +334,6 @@ def pgd_eval_rate(args, root, device):
 # ---------------------------------------------------------------------------
 # The runs
 
-def print_header(command, device):
-    print(f'command: python {command}')
-    print(f'device:  {describe_device(device)}')
-    print(f'torch:   {torch.__version__}, Python {platform.python_version()}')
-
-
 def run_benchmark(args, device, root):
     n_train = (args.warmup + args.steps) * args.batch_size  # one epoch: no reshuffle inside timing
     write_synthetic_cifar(root, args.dataset, n_train=n_train, n_test=args.eval_images,
@@ -409,7 +389,6 @@ def print_projection(rates, eval_rate):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if '--check' in argv:
-        import bf16_check
         return bf16_check.main([a for a in argv if a != '--check'])
     args = parse_args(argv)
     try:

@@ -21,8 +21,8 @@ import tempfile
 import time
 
 import training
-from benchmark import print_header
-from cli import HelpFormatter, number_in_range, positive_int, resolve_device, seed_int
+from cli import (HelpFormatter, number_in_range, positive_int, print_header, resolve_device,
+                 seed_int)
 from synthetic import write_synthetic_cifar
 from utils import DATASETS, InputError, evaluate_robustness
 

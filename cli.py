@@ -5,6 +5,8 @@ so a bad value is refused the same way everywhere, with a one-line argparse erro
 """
 import argparse
 import math
+import os
+import platform
 
 import torch
 
@@ -66,3 +68,22 @@ def enable_fast_cuda():
     """Training's CUDA settings: cuDNN autotuning (fixed input shapes), TF32 for fp32 work."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def describe_device(device):
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    model = platform.processor() or 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f
+                         if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{model}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads'
+
+
+def print_header(command, device):
+    print(f'command: python {command}')
+    print(f'device:  {describe_device(device)}')
+    print(f'torch:   {torch.__version__}, Python {platform.python_version()}')

@@ -22,8 +22,9 @@ from flags import default_eval_alpha
 from models import ARCHS
 from progress import progress
 from cli import HelpFormatter, pixel_units, positive_int, resolve_device, seed_int
+from data import load_dataset
 from utils import (DATASETS, InputError, atomic_write_text, check_writable_dir,
-                   create_new_text_file, evaluate_batches, load_dataset, load_model_weights,
+                   create_new_text_file, evaluate_batches, load_model_weights,
                    pgd_attack, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.

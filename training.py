@@ -28,9 +28,10 @@ from flags import parse_args, resumed_args
 from models import NORMALIZATION
 from progress import progress
 from models import build_model as build_architecture
+from data import load_dataset
 from utils import (DATASETS, CifarLoader, InputError, atomic_save, attack_fgsm,
                    check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
-                   load_dataset, pgd_attack, safe_torch_load)
+                   pgd_attack, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------

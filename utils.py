@@ -374,22 +374,6 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def load_dataset(dataset, data_dir, train, quiet=False):
-    """Return (images uint8 (N, 3, S, S), labels int64 (N,)) of a split of any of DATASETS.
-
-    S is DATASETS[dataset]['image_size']. CIFAR goes through load_cifar (downloaded
-    when absent); Tiny-ImageNet-200 through tinyimagenet.load_tiny_imagenet, whose
-    ``train=False`` is the labelled validation split.
-    """
-    if dataset not in DATASETS:
-        raise InputError(f'unknown dataset {one_line(repr(dataset), 40)}; '
-                         f'one of {", ".join(DATASETS)}')
-    if dataset == 'tinyimagenet':
-        import tinyimagenet  # it imports utils: imported here, not at the top, to avoid a cycle
-        return tinyimagenet.load_tiny_imagenet(data_dir, train, quiet=quiet)
-    return load_cifar(dataset, data_dir, train, quiet=quiet)
-
-
 def _read_file(path):
     """The bytes of ``path``; an OSError (permissions, I/O) becomes a one-line InputError."""
     try:

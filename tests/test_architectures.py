@@ -21,7 +21,8 @@ import runs
 import training
 from conftest import run_script, same_weights, the_run_dir
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
-from utils import InputError, load_dataset, load_model_weights
+from data import load_dataset
+from utils import InputError, load_model_weights
 
 SMALL = {'preactresnet18': 8, 'resnet18': 8, 'wrn34-10': 1}  # --width of a quick CPU model
 

@@ -14,7 +14,8 @@ import tinyimagenet
 from payloads import CreatesAFile
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
 from tinyimagenet import cache_paths, load_tiny_imagenet
-from utils import DATASETS, InputError, load_cifar, load_dataset
+from data import load_dataset
+from utils import DATASETS, InputError, load_cifar
 
 URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 
