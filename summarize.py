@@ -18,7 +18,7 @@ import sys
 
 import models
 import training
-from cli import cuda_default
+from cli import cuda_default, exit_status, start_script
 from utils import DATASETS, InputError, sha256_file
 
 # Where files are, not how the model was trained; the method and arch have their own columns.
@@ -237,6 +237,7 @@ def markdown_table(header, rows):
 
 def main(argv=None):
     """Print the table for the paths in ``argv``; returns the exit status."""
+    start_script()
     parser = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
         epilog='Run directories and results.json files (or folders holding one), in any order.')
@@ -249,8 +250,7 @@ def main(argv=None):
     except InputError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(markdown_table(HEADER, rows))
-    return 0
+    return exit_status(lambda: print(markdown_table(HEADER, rows)))  # stdout may be a full disk
 
 
 if __name__ == '__main__':

@@ -28,16 +28,18 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import plots
-from cli import (HelpFormatter, cuda_default, enable_fast_cuda, nonnegative, number_in_range,
-                 pixel_units, positive_int, resolve_device, seed_int)
+from cli import (HelpFormatter, cuda_default, device_flag, enable_fast_cuda, failed_write,
+                 nonnegative, number_in_range, pixel_units, positive_int, resolve_device, seed_int,
+                 start_script)
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import (STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, momentum_at,
                    temperature)
 from models import ARCHS, NORMALIZATION
 from models import build_model as build_architecture
-from utils import (DATASETS, CifarLoader, InputError, atomic_save, atomic_write_text, attack_fgsm,
-                   check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
-                   load_dataset, pgd_attack, safe_torch_load)
+from files import append_text
+from utils import (DATASETS, WEIGHT_LIMIT, CifarLoader, InputError, atomic_save, atomic_write_text,
+                   attack_fgsm, check_writable_dir, cudnn_autotuning, evaluate_batches,
+                   evaluate_robustness, load_dataset, pgd_attack, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
@@ -98,13 +100,13 @@ def build_parser(dataset):
     m.add_argument('--lr-peak', type=number_in_range(float, 0, 1, low_open=True), default=0.5,
                    help='cyclic: the fraction of training at which the learning rate peaks '
                         '(Tiny-ImageNet: 20/110, the authors\' 20 of 110 epochs)')
-    m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
+    m.add_argument('--lr-max', type=number_in_range(float, 0, 10, low_open=True), default=0.1)
     m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
     m.add_argument('--momentum-min', type=number_in_range(float, 0, 1), default=0.8,
                    help='cyclic: momentum falls from --momentum to this as the learning rate '
                         'rises to its peak, as torch\'s CyclicLR does in the authors\' runs; '
                         'equal to --momentum keeps it constant')
-    m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
+    m.add_argument('--weight-decay', type=number_in_range(float, 0, 1), default=5e-4)
     m.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
     m.add_argument('--alpha', type=pixel_units, default=None,
                    help='attack step, in /255 (default 8 for mixkl and n_fgsm, 10 for fgsm_rs, '
@@ -144,7 +146,8 @@ def build_parser(dataset):
     r.add_argument('--width', type=positive_int, default=None,
                    help='base width of the ResNets (default 64), widen factor of the '
                         'WideResNet (default 10)')
-    r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
+    r.add_argument('--device', type=device_flag,
+                   help='cuda, cuda:1, cpu ... (default: cuda when present)')
     r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast in the training forwards; evaluation stays fp32 '
                         '(default: on for CUDA, off on CPU, where it is fast only with '
@@ -171,10 +174,6 @@ def parse_args(dataset, argv=None):
             parser.error(f'--momentum {args.momentum:g}: the cyclic schedule lowers the momentum '
                          f'to --momentum-min ({args.momentum_min:g}), which must not exceed it; '
                          'give --momentum-min too (equal to --momentum: constant momentum)')
-    try:
-        torch.device(args.device or 'cpu')
-    except RuntimeError as e:
-        parser.error(f'--device: {e}')
     args.dataset = dataset
     parser.given_flags = given_flags(dataset, argv)
     return args, parser
@@ -274,10 +273,8 @@ class Diverged(Exception):
     """The run diverged: a non-finite loss, or a weight that is not finite or beyond WEIGHT_LIMIT."""
 
 
-# A float parameter or buffer (BN statistics too) beyond this in absolute value counts as
-# diverged. Trained CIFAR networks stay many orders of magnitude below it; a run whose
-# weights grow past it (too large a learning rate) is not going to come back.
-WEIGHT_LIMIT = 1e8
+# WEIGHT_LIMIT (utils.py): a float parameter or buffer beyond it in absolute value counts
+# as diverged; evaluation refuses such a checkpoint too.
 
 
 def weights_diverged(models):
@@ -422,8 +419,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         print(message, flush=True)
-        with open(self.path('train.log'), 'a') as f:
-            f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
+        append_text(self.path('train.log'), f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
 
     def config(self):
         a = self.args
@@ -845,6 +841,7 @@ def write_metrics(path, rows, fields=METRIC_FIELDS):
 
 def main(dataset, argv=None):
     """Train; under torchrun (WORLD_SIZE > 1) as one process of the group."""
+    start_script()
     args, parser = parse_args(dataset, argv)
     dist = None
     try:
@@ -859,9 +856,7 @@ def main(dataset, argv=None):
         trainer.log(f'error: the run diverged: {e}. {trainer.what_is_kept()}')
         code = 1
     except OSError as e:  # a full disk, a directory removed under the run ...
-        print(f'error: {e.filename + ": " if e.filename else ""}{e.strerror or e}; '
-              'nothing was left half-written', file=sys.stderr)
-        code = 1
+        code = failed_write(e)
     finally:
         if dist is not None:
             dist.close()
