@@ -137,11 +137,18 @@ def start_script():
 _exit_state = {'registered': False, 'reported': False}
 
 
-def failed_write(error):
-    """Report an OSError of a write in one `error:` line on stderr; returns the status, 1."""
+def failed_write(error, where=None):
+    """Report an OSError of a write in one `error:` line on stderr; returns the status, 1.
+
+    ``where``: what was written, if the error does not name a file (standard output).
+    """
     what = error.strerror or one_line(error)
-    # The project's own files are written atomically and named; stdout is not.
-    line = f'{error.filename}: {what}; nothing was left half-written' if error.filename else what
+    if where is not None:
+        line = f'{where}: {what}'
+    elif error.filename:  # the project's files are written atomically (files.py)
+        line = f'{error.filename}: {what}; nothing was left half-written'
+    else:
+        line = what
     print(f'error: {line}', file=sys.stderr, flush=True)
     _exit_state['reported'] = True
     return 1
@@ -153,8 +160,7 @@ def report_unwritable_stdout():
         sys.stdout.flush()
     except OSError as e:
         if not _exit_state['reported']:
-            print(f'error: standard output: {e.strerror or one_line(e)}', file=sys.stderr,
-                  flush=True)
+            failed_write(e, 'standard output')
         try:  # what stayed in the buffer goes nowhere, instead of failing again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
@@ -173,12 +179,15 @@ def exit_status(body):
     """
     try:
         status = body()
-        sys.stdout.flush()
     except InputError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except OSError as e:
         return failed_write(e)
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        return failed_write(e, 'standard output')
     return status if isinstance(status, int) else 0
 
 

@@ -185,9 +185,10 @@ def append_text(path, text):
         try:
             f.write(text.encode())
             f.flush()
-        except OSError:
+        except OSError as e:
             with contextlib.suppress(OSError):
                 f.truncate(start)
+            e.filename = e.filename or path
             raise
 
 

@@ -219,7 +219,7 @@ def test_summarize_reports_a_stdout_it_cannot_write_in_one_line(finished_run, tm
     run_dir = finished_run[1]
     with open(tmp_path / 'table.md', 'w') as table:  # the table is longer than 64 bytes
         proc = run_limited(['summarize.py', run_dir], ROOT, fsize=64, stdout=table)
-    assert the_error(proc).endswith('File too large')
+    assert the_error(proc) == 'error: standard output: File too large'
     whole = run_limited(['summarize.py', run_dir], ROOT)
     assert whole.returncode == 0 and run_dir.name in whole.stdout, 'the table, when it fits'
 
@@ -246,8 +246,9 @@ def test_a_failed_append_to_a_log_leaves_it_as_it_was(small_disk):
     log = small_disk / 'train.log'
     log.write_text('first line\n')
     fill(small_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as error:
         files.append_text(str(log), 'x' * 100_000 + '\n')
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(log)
     assert log.read_text() == 'first line\n'
 
 
