@@ -40,12 +40,12 @@ from torchvision import transforms
 import bf16_check
 import mixkl
 import training
-from cli import (HelpFormatter, cuda_default, enable_fast_cuda, number_in_range, positive_int,
-                 print_header, resolve_device, seed_int)
+from cli import (HelpFormatter, cuda_default, device_flag, enable_fast_cuda, exit_status,
+                 number_in_range, positive_int, print_header, resolve_device, seed_int,
+                 start_script)
 from synthetic import write_synthetic_cifar
 from models import ARCHS
-from utils import (CifarLoader, InputError, clamp, cudnn_autotuning, evaluate_batches,
-                   load_cifar, pgd_attack)
+from utils import CifarLoader, clamp, cudnn_autotuning, evaluate_batches, load_cifar, pgd_attack
 
 # One CIFAR-10 run as the paper trains it: the projection's yardstick.
 EPOCHS, TRAIN_IMAGES, TEST_IMAGES = 110, 50_000, 10_000
@@ -54,7 +54,7 @@ PGD_EPSILON, PGD_ALPHA, PGD_ITERS = 8 / 255, 2 / 255, 10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=HelpFormatter)
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument('--steps', type=positive_int, default=50, help='timed steps per path')
     p.add_argument('--warmup', type=number_in_range(int, 0), default=5, help='untimed steps before the timed ones')
     p.add_argument('--batch-size', type=positive_int, default=128)
@@ -67,7 +67,8 @@ def parse_args(argv=None):
                         'only with mixkl')
     p.add_argument('--width', type=positive_int, default=None,
                    help='the architecture\'s width (default: its own, 64 or 10)')
-    p.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
+    p.add_argument('--device', type=device_flag,
+                   help='cuda, cuda:1, cpu ... (default: cuda when present)')
     p.add_argument('--dataset', choices=['cifar10', 'cifar100'], default='cifar10')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help="the project path's bf16 autocast (default: as training, on for CUDA, "
@@ -76,7 +77,9 @@ def parse_args(argv=None):
                    help="reference path's DataLoader workers (the fast-AT scripts use 2)")
     p.add_argument('--seed', type=seed_int, default=0)
     p.add_argument('--check', action='store_true',
-                   help='run bf16_check.py instead, with the other flags given (see its --help)')
+                   help='run bf16_check.py instead; every other flag is then its own (see '
+                        '`benchmark.py --check --help`), and one of benchmark.py\'s alone is '
+                        'refused')
     args = p.parse_args(argv)
     args.width = args.width or ARCHS[args.arch].default_width
     return args
@@ -386,20 +389,37 @@ def print_projection(rates, eval_rate):
               f'+ {eval_s:.0f} s evaluation)')
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if '--check' in argv:
-        return bf16_check.main([a for a in argv if a != '--check'])
-    args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except InputError as e:
-        sys.exit(f'error: {e}')
+def wants_check(argv):
+    """(whether --check is given, the other flags): with it, all of those are bf16_check.py's.
+
+    --check is recognised only as written (no abbreviation, like every flag here),
+    so that the same command line always runs the same script.
+    """
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument('--check', action='store_true')
+    known, rest = p.parse_known_args(argv)
+    return known.check, rest
+
+
+def benchmark(args, argv):
+    device = resolve_device(args.device)
     if args.amp is None:
         args.amp = cuda_default(device)
     print_header(shlex.join(['benchmark.py', *argv]), device)
     with tempfile.TemporaryDirectory(prefix='mixkl-benchmark-') as root:
         run_benchmark(args, device, root)
+
+
+def main(argv=None):
+    start_script()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check, rest = wants_check(argv)
+    if check:
+        return bf16_check.main(rest, prog='benchmark.py --check')
+    args = parse_args(argv)
+    code = exit_status(lambda: benchmark(args, argv))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == '__main__':

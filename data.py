@@ -1,8 +1,8 @@
 """A split of any dataset by name: CIFAR through utils.load_cifar, Tiny-ImageNet through
-tinyimagenet.py (which reads its folder layout with utils' helpers, so the dispatch lives here
-and neither imports the other in a cycle)."""
+tinyimagenet.py."""
+from base import DATASETS, InputError, one_line
 from tinyimagenet import load_tiny_imagenet
-from utils import DATASETS, InputError, load_cifar, one_line
+from utils import load_cifar
 
 
 def load_dataset(dataset, data_dir, train, quiet=False):

@@ -8,6 +8,7 @@ with the same SHA-256 as an earlier one is reported with its numbers
 (``same_as`` in results.json).
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -21,9 +22,10 @@ import torch
 from flags import default_eval_alpha
 from models import ARCHS
 from progress import progress
-from cli import HelpFormatter, pixel_units, positive_int, resolve_device, seed_int
+from cli import (HelpFormatter, device_flag, exit_status, pixel_units, positive_int,
+                 resolve_device, seed_int, start_script)
 from data import load_dataset
-from utils import (DATASETS, InputError, atomic_write_text, check_writable_dir,
+from utils import (DATASETS, InputError, NonFiniteLogits, atomic_write_text, check_writable_dir,
                    create_new_text_file, evaluate_batches, load_model_weights,
                    pgd_attack, sha256_file)
 
@@ -35,7 +37,8 @@ LABELS = {'clean': 'clean', 'pgd10': 'PGD-10', 'pgd20': 'PGD-20', 'pgd50': 'PGD-
 
 
 def attack_list(text):
-    names = [n.strip() for n in text.split(',') if n.strip()]
+    """--attacks: known names, each once, in the order first given."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(',') if n.strip()))
     unknown = [n for n in names if n not in ATTACKS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -70,7 +73,8 @@ def build_parser(dataset):
                    help=f'comma list from {",".join(ATTACKS)}')
     p.add_argument('--restarts', type=positive_int, default=1, help='for PGD and C&W')
     p.add_argument('--seed', type=seed_int, default=0)
-    p.add_argument('--device', help='cuda, cpu ... (default: cuda when present)')
+    p.add_argument('--device', type=device_flag,
+                   help='cuda, cpu ... (default: cuda when present)')
     return p
 
 
@@ -126,7 +130,7 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
     from pyautoattack import AutoAttack
     logger = logging.getLogger('auto-attack')
     logger.setLevel(logging.DEBUG)
-    handler = logging.FileHandler(log_path, mode='w')
+    handler = StrictFileHandler(log_path, mode='w')
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
     echo = AutoAttackProgress()
     logger.addHandler(handler)
@@ -135,6 +139,10 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
         adversary = AutoAttack(model, norm='Linf', eps=epsilon, version='standard',
                                seed=args.seed, device=x.device)
         x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
+    except OSError:  # a failed write (of the log, of stdout) stops the run: no partial log
+        with contextlib.suppress(OSError):
+            os.unlink(log_path)
+        raise
     finally:
         logger.removeHandler(handler)
         logger.removeHandler(echo)
@@ -146,6 +154,17 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
     correct, _ = evaluate_batches(model, in_batches(x_adv, y, args.batch_size))
     return correct, dict(version='standard', log=os.path.basename(log_path),
                          max_perturbation=max_perturbation)
+
+
+class StrictFileHandler(logging.FileHandler):
+    """A log file whose failed write (a full disk) raises, instead of logging's traceback.
+
+    logging reports a handler's error on stderr and carries on, which would leave
+    a partial log and no error status; here the OSError stops the evaluation.
+    """
+
+    def handleError(self, record):
+        raise  # the exception emit() is handling
 
 
 class AutoAttackProgress(logging.Handler):
@@ -259,6 +278,7 @@ def run(dataset, args):
     x = x[:args.n_ex].to(device).float() / 255
     y = y[:args.n_ex].to(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    check_clean_logits(models, paths, digests, x[:args.batch_size], device)
     report = dict(dataset=dataset, n_examples=len(y), epsilon=args.epsilon / 255,
                   epsilon_255=args.epsilon, attacks=args.attacks, seed=args.seed,
                   device=str(device), torch=torch.__version__,
@@ -291,10 +311,32 @@ def run(dataset, args):
         def save_attacks(results, entry=entry):  # after every attack: a crash keeps the others
             entry['attacks'] = results
             save()
-        evaluate_checkpoint(model.to(device), x, y, args, log_prefix, after_each=save_attacks)
+        try:
+            evaluate_checkpoint(model.to(device), x, y, args, log_prefix, after_each=save_attacks)
+        except NonFiniteLogits as e:
+            raise InputError(f'{path}: {e}') from None
     print('\n' + format_table(report))
     print(f'\nresults: {results_path}')
     return report
+
+
+def check_clean_logits(models, paths, digests, x, device):
+    """Before any attack: every checkpoint's clean logits on the first batch ``x`` are finite.
+
+    A model that gives NaN or inf there has no accuracy to report; the InputError
+    names its checkpoint, before results.json is written.
+    """
+    checked = set()
+    for path, digest in zip(paths, digests):
+        if digest in checked:
+            continue
+        checked.add(digest)
+        model = models[digest].to(device).eval()
+        with torch.no_grad():
+            bad = (~torch.isfinite(model(x))).any(1).sum().item()
+        if bad:
+            raise InputError(f'{path}: the model gives NaN or inf logits on {bad} of the first '
+                             f'{len(x)} test images, unattacked; nothing was evaluated')
 
 
 def checkpoint_digest(path):
@@ -326,11 +368,11 @@ def numbered_suffix(results_path):
 
 
 def main(dataset, argv=None):
+    """Evaluate; bad input is one `error:` line and status 2, a failed write one and status 1."""
+    start_script()
     args = build_parser(dataset).parse_args(argv)
     if args.alpha is None:
         args.alpha = default_eval_alpha(args.epsilon)
-    try:
-        run(dataset, args)
-    except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    code = exit_status(lambda: run(dataset, args))
+    if code:
+        sys.exit(code)

@@ -8,10 +8,8 @@ resumed run keeps the values recorded in its checkpoint.
 """
 import argparse
 
-import torch
-
-from cli import (HelpFormatter, cuda_default, nonnegative, number_in_range, pixel_units,
-                 positive_int, seed_int)
+from cli import (HelpFormatter, cuda_default, device_flag, nonnegative, number_in_range,
+                 pixel_units, positive_int, seed_int)
 from mixkl import STEPS
 from models import ARCHS
 from utils import DATASETS, InputError
@@ -97,13 +95,13 @@ def build_parser(dataset):
     m.add_argument('--lr-peak', type=number_in_range(float, 0, 1, low_open=True), default=0.5,
                    help='cyclic: the fraction of training at which the learning rate peaks '
                         '(Tiny-ImageNet: 20/110, the authors\' 20 of 110 epochs)')
-    m.add_argument('--lr-max', type=number_in_range(float, 0, low_open=True), default=0.1)
+    m.add_argument('--lr-max', type=number_in_range(float, 0, 10, low_open=True), default=0.1)
     m.add_argument('--momentum', type=number_in_range(float, 0, 1), default=0.9)
     m.add_argument('--momentum-min', type=number_in_range(float, 0, 1), default=0.8,
                    help='cyclic: momentum falls from --momentum to this as the learning rate '
                         'rises to its peak, as torch\'s CyclicLR does in the authors\' runs; '
                         'equal to --momentum keeps it constant')
-    m.add_argument('--weight-decay', type=nonnegative, default=5e-4)
+    m.add_argument('--weight-decay', type=number_in_range(float, 0, 1), default=5e-4)
     m.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
     m.add_argument('--alpha', type=pixel_units, default=None,
                    help='attack step, in /255 (default: eps for mixkl and n_fgsm, 1.25 eps for '
@@ -145,7 +143,8 @@ def build_parser(dataset):
     r.add_argument('--width', type=positive_int, default=None,
                    help='base width of the ResNets (default 64), widen factor of the '
                         'WideResNet (default 10)')
-    r.add_argument('--device', help='cuda, cuda:1, cpu ... (default: cuda when present)')
+    r.add_argument('--device', type=device_flag,
+                   help='cuda, cuda:1, cpu ... (default: cuda when present)')
     r.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast in the training forwards; evaluation stays fp32 '
                         '(default: on for CUDA, off on CPU, where it is fast only with '
@@ -177,10 +176,6 @@ def parse_args(dataset, argv=None, strict=False):
             resolve_defaults(args)
         except InputError as e:
             parser.error(str(e))
-    try:
-        torch.device(args.device or 'cpu')
-    except RuntimeError as e:
-        parser.error(f'--device: {e}')
     args.dataset = dataset
     parser.given_flags = given_flags(dataset, argv)
     return args, parser

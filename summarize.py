@@ -17,6 +17,7 @@ import sys
 
 import flags
 import runs
+from cli import exit_status, start_script
 from utils import InputError
 
 # Where files are, not how the model was trained; the method and arch have their own columns.
@@ -145,7 +146,8 @@ def read_all(run_dirs, result_files):
 
 def main(argv=None):
     """Print the table for the paths in ``argv``; returns the exit status (2 if any input
-    was refused, the table of the rest printed all the same)."""
+    was refused, the table of the rest printed all the same; 1 if it cannot be written)."""
+    start_script()
     parser = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
         epilog='Run directories and results.json files (or folders holding one), in any order.')
@@ -159,9 +161,11 @@ def main(argv=None):
     read, notes = read_all(run_dirs, result_files)
     for note in notes:
         print(f'error: {note}', file=sys.stderr)
-    if read:
-        print(markdown_table(HEADER, [summary_row(run) for run in read]))
-    return 2 if notes else 0
+    if not read:
+        return 2 if notes else 0
+    table = markdown_table(HEADER, [summary_row(run) for run in read])
+    written = exit_status(lambda: print(table))  # stdout may be a full disk
+    return written or (2 if notes else 0)
 
 
 if __name__ == '__main__':

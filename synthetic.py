@@ -10,7 +10,8 @@ import pickle
 import numpy as np
 from PIL import Image
 
-from utils import DATASETS
+from base import DATASETS
+from files import atomic_write_bytes
 
 
 def class_palette(num_classes, rng):
@@ -58,8 +59,7 @@ def write_synthetic_cifar(root, dataset='cifar10', n_train=200, n_test=100, seed
             # str keys: what the official files give when unpickled with encoding='latin1'
             batch = {'batch_label': 'synthetic', 'data': images[part],
                      label_key: labels[part].tolist()}
-            with open(os.path.join(root, folder, name), 'wb') as f:
-                pickle.dump(batch, f, protocol=2)
+            atomic_write_bytes(os.path.join(root, folder, name), pickle.dumps(batch, protocol=2))
     return root
 
 

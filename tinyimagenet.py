@@ -3,8 +3,10 @@
 The release is 110,000 small JPEG files; decoding them takes far longer than
 reading 1.2 GB of raw pixels, so each split is decoded once into
 ``.mixkl-cache-{train,val}.npy`` (with a ``.json`` sidecar holding its key) in the
-dataset folder. The key covers every file's path, size and mtime, the class order
-and the validation annotations: any change to the folder rebuilds the cache.
+dataset folder. The key covers every file's path, size, mtime, ctime and inode, the
+class order and the validation annotations: any change to the folder rebuilds the
+cache. The cache is written atomically (files.py); a run killed while writing it
+leaves a temporary that the next run removes.
 
 Layout read (as extracted from tiny-imagenet-200.zip)::
 
@@ -16,6 +18,7 @@ Layout read (as extracted from tiny-imagenet-200.zip)::
 Labels are indices into the sorted wnids, as the authors' code assigns them;
 ``train=False`` gives the validation split, since the test split has no labels.
 """
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +29,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from utils import DATASETS, InputError, atomic_write_array, atomic_write_text, one_line, _read_file
+from base import DATASETS, InputError, one_line
+from files import atomic_write_array, atomic_write_text, read_file, remove_stale_temporaries
 
 SPEC = DATASETS['tinyimagenet']
 NAME = SPEC['name']
@@ -34,7 +38,10 @@ SIZE = SPEC['image_size']
 MAX_CLASSES = SPEC['num_classes']
 IMAGE_SUFFIXES = ('.jpeg', '.jpg')
 # Bump when what the cache holds or how it is keyed changes: older caches are then rebuilt.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+# Errors of a folder where no file can be made (read-only, not ours): the cache is then
+# skipped with a note. Any other failed write (a full disk, ulimit -f) is an error.
+CANNOT_CREATE = {errno.EACCES, errno.EPERM, errno.EROFS}
 CACHE_PREFIX = '.mixkl-cache-'
 
 
@@ -45,12 +52,13 @@ def load_tiny_imagenet(data_dir, train, quiet=False):
     silences the notes and the progress bar (the non-main ranks of a distributed run).
     """
     root = dataset_root(data_dir)
+    remove_killed_writes(root, quiet)
     wnids = read_classes(root)
     if train:
         split, (files, labels), annotations = 'train', list_train(root, wnids), b''
     else:
         split, (files, labels) = 'val', list_val(root, wnids)
-        annotations = _read_file(annotations_path(root))
+        annotations = read_file(annotations_path(root))
     key = cache_key(root, split, files, wnids, annotations)
     images = cached_images(root, split, key, len(files), quiet)
     if images is None:
@@ -122,7 +130,7 @@ def _wnids_from_file(path):
 def _text(path):
     """The UTF-8 text of ``path``, or a one-line InputError naming it."""
     try:
-        return _read_file(path).decode('utf-8')
+        return read_file(path).decode('utf-8-sig')  # a byte-order mark, if any, is not text
     except UnicodeDecodeError as e:
         raise InputError(f'{path}: not UTF-8 text ({one_line(e, 120)})')
 
@@ -143,11 +151,11 @@ def list_train(root, wnids):
     for label, wnid in enumerate(wnids):
         folder = f'train/{wnid}/images'
         names = _image_names(os.path.join(root, folder))
+        if not names:  # a partial extraction: the class would silently never be trained
+            raise InputError(f'{os.path.join(root, folder)}: no images of class {wnid} '
+                             f'(*.JPEG files)')
         files += [f'{folder}/{name}' for name in names]
         labels += [label] * len(names)
-    if not files:
-        raise InputError(f'{os.path.join(root, "train")}: the {NAME} training split has no '
-                         f'images (in train/<wnid>/images/ of {len(wnids)} classes)')
     return files, labels
 
 
@@ -257,8 +265,11 @@ def cache_paths(root, split):
 def cache_key(root, split, files, wnids, annotations):
     """SHA-256 naming exactly what a split's images and labels are made from.
 
-    Path, size and mtime of each image (not its bytes: hashing 110,000 files would
-    cost as much as decoding them), the class order and the annotations' bytes.
+    Path, size, mtime, ctime and inode of each image (not its bytes: hashing 110,000
+    files would cost as much as decoding them), the class order and the annotations'
+    bytes. The mtime can be set back (os.utime, cp -p, tar); the ctime cannot and
+    changes with every write to the file, and a file replaced by another (rename,
+    copy) has another inode. All come from the one stat call the key already made.
     """
     digest = hashlib.sha256(f'mixkl tiny-imagenet cache {CACHE_FORMAT} {split} {SIZE}\n'.encode())
     digest.update(('\n'.join(wnids) + '\n\n').encode())
@@ -267,7 +278,8 @@ def cache_key(root, split, files, wnids, annotations):
             stat = os.stat(os.path.join(root, rel))
         except OSError as e:
             raise InputError(f'{os.path.join(root, rel)}: cannot be read ({e.strerror or e})')
-        digest.update(f'{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\n'.encode())
+        digest.update(f'{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t'
+                      f'{stat.st_ino}\n'.encode())
     digest.update(b'\n' + annotations)
     return digest.hexdigest()
 
@@ -329,7 +341,11 @@ def images_nbytes(shape):
 
 
 def write_cache(root, split, key, images, quiet):
-    """Write a split's cache atomically, array first; a folder we cannot write costs a note."""
+    """Write a split's cache atomically, array first; a folder we cannot write costs a note.
+
+    Any other failed write (a full disk, a file-size limit) raises its OSError, naming
+    the file: the run stops with one line, and no partial cache file is left.
+    """
     array_path, sidecar_path = cache_paths(root, split)
     try:
         atomic_write_array(array_path, images)
@@ -339,6 +355,22 @@ def write_cache(root, split, key, images, quiet):
                    'array': {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}}
         atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1) + '\n')
     except OSError as e:
+        if e.errno not in CANNOT_CREATE:
+            raise
         if not quiet:
             print(f'note: cannot write the cache {array_path} ({e.strerror or e}); the {split} '
                   'split is kept in memory only and will be decoded again next time')
+
+
+def remove_killed_writes(root, quiet):
+    """Remove the temporaries of cache files that a killed run left in ``root`` (only those).
+
+    A kill during write_cache leaves a full-size ``..mixkl-cache-train.npy.XXXXXXXX``;
+    files.remove_stale_temporaries keeps any that a live process is still writing.
+    """
+    names = [os.path.basename(path)
+             for split in ('train', 'val') for path in cache_paths(root, split)]
+    removed = remove_stale_temporaries(root, names)
+    if removed and not quiet:
+        print(f'note: removed {len(removed)} temporary cache file(s) that an interrupted run '
+              f'left in {root}')

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import plots
 import runs
-from cli import cuda_default, enable_fast_cuda, resolve_device
+from cli import cuda_default, enable_fast_cuda, failed_write, resolve_device, start_script
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import (STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, momentum_at,
                    temperature)
@@ -29,7 +29,8 @@ from models import NORMALIZATION
 from progress import progress
 from models import build_model as build_architecture
 from data import load_dataset
-from utils import (DATASETS, CifarLoader, InputError, atomic_save, attack_fgsm,
+from files import append_text
+from utils import (DATASETS, WEIGHT_LIMIT, CifarLoader, InputError, atomic_save, attack_fgsm,
                    check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
                    pgd_attack, safe_torch_load)
 
@@ -94,11 +95,8 @@ class Diverged(Exception):
     """The run diverged: a non-finite loss, or a weight that is not finite or beyond WEIGHT_LIMIT."""
 
 
-# A float parameter or buffer (BN statistics too) beyond this in absolute value counts as
-# diverged. Trained CIFAR networks stay many orders of magnitude below it; a run whose
-# weights grow past it (too large a learning rate) is not going to come back.
-WEIGHT_LIMIT = 1e8
-
+# WEIGHT_LIMIT (utils.py): a float parameter or buffer beyond it in absolute value counts
+# as diverged; evaluation refuses such a checkpoint too.
 
 def weights_diverged(models):
     """'student conv1.weight' (the first float tensor not finite or beyond WEIGHT_LIMIT), or None.
@@ -264,8 +262,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         print(message, flush=True)
-        with open(self.path(runs.LOG), 'a') as f:
-            f.write(f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
+        append_text(self.path(runs.LOG), f'[{time.strftime("%Y-%m-%d %H:%M:%S")}] {message}\n')
 
     def config(self):
         a = self.args
@@ -635,6 +632,7 @@ def build_model(arch, dataset, width, device, channels_last):
 
 def main(dataset, argv=None):
     """Train; under torchrun (WORLD_SIZE > 1) as one process of the group."""
+    start_script()
     args, parser = parse_args(dataset, argv)
     dist = None
     try:
@@ -649,9 +647,7 @@ def main(dataset, argv=None):
         trainer.log(f'error: the run diverged: {e}. {trainer.what_is_kept()}')
         code = 1
     except OSError as e:  # a full disk, a directory removed under the run ...
-        print(f'error: {e.filename + ": " if e.filename else ""}{e.strerror or e}; '
-              'nothing was left half-written', file=sys.stderr)
-        code = 1
+        code = failed_write(e)
     finally:
         if dist is not None:
             dist.close()

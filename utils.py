@@ -1,4 +1,4 @@
-"""Data loading, attacks, evaluation and safe file I/O, shared by training and evaluation.
+"""Data loading, attacks, evaluation and checkpoint loading, shared by training and evaluation.
 
 Images are uint8 tensors of shape (N, 3, S, S) kept on the compute device (S is the
 dataset's image_size: 32 for CIFAR, 64 for Tiny-ImageNet-200); batches handed to
@@ -7,37 +7,20 @@ models are float in [0, 1]. Every attack works in that space.
 import contextlib
 import hashlib
 import io
-import itertools
 import os
 import pickle
 import socket
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from base import DATASETS, InputError, one_line
+# The file writers live in files.py (tinyimagenet.py imports them from there); the scripts
+# import them from here, as before they moved.
+from files import (atomic_save, atomic_write_array, atomic_write_bytes, atomic_write_text,
+                   check_writable_dir, create_new_text_file, read_file, sha256_file)
 from models import ARCHS, NORMALIZATION, build_model, detect_arch, num_classes_of, width_of
-
-DATASETS = {
-    'cifar10': dict(folder='cifar-10-batches-py', num_classes=10, label_key='labels',
-                    train_files=[f'data_batch_{i}' for i in range(1, 6)],
-                    test_files=['test_batch'], name='CIFAR-10', image_size=32,
-                    url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'),
-    'cifar100': dict(folder='cifar-100-python', num_classes=100, label_key='fine_labels',
-                     train_files=['train'], test_files=['test'], name='CIFAR-100', image_size=32,
-                     url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'),
-    # Read by tinyimagenet.py from the official folder layout; its labelled validation
-    # split is what train=False gives (the test split has no labels). Never downloaded.
-    'tinyimagenet': dict(folder='tiny-imagenet-200', num_classes=200, name='Tiny-ImageNet-200',
-                         image_size=64, test_split='val',
-                         url='http://cs231n.stanford.edu/tiny-imagenet-200.zip'),
-}
-
-
-class InputError(Exception):
-    """Bad input from the user (data, checkpoint, flags): reported in one line."""
-
 
 # ---------------------------------------------------------------------------
 # Reading CIFAR without executing code from the data files
@@ -62,12 +45,6 @@ _CIFAR_PICKLE_GLOBALS = {
 # Array element types a CIFAR file can hold: numbers and strings, never Python objects.
 _ARRAY_KINDS = 'biufcSU'
 _NDARRAY = object()  # what the pickle's numpy.ndarray stands for: only _reconstruct takes it
-
-
-def one_line(text, limit=300):
-    """``text`` on one line (whitespace runs become one space), cut at ``limit`` characters."""
-    text = ' '.join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 class _DtypeStandIn:
@@ -352,7 +329,7 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
         if not os.path.isfile(path):
             raise InputError(f'{path} is missing; {folder}/ should hold '
                              f'{", ".join(spec["train_files"] + spec["test_files"])}')
-        raw = _read_file(path)
+        raw = read_file(path)
         md5s[name] = hashlib.md5(raw).hexdigest()
         data, y = _check_batch(read_cifar_pickle(raw, path), path, spec['label_key'],
                                spec['num_classes'])
@@ -372,15 +349,6 @@ def load_cifar(dataset, data_dir, train, download=True, quiet=False):
             print(f'note: {folder} is not the official {spec["name"]} release '
                   f'({len(labels)} {"train" if train else "test"} images)')
     return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-def _read_file(path):
-    """The bytes of ``path``; an OSError (permissions, I/O) becomes a one-line InputError."""
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except OSError as e:
-        raise InputError(f'{path}: cannot be read ({e.strerror or e})')
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +422,14 @@ class CifarLoader:
 # ---------------------------------------------------------------------------
 # Attacks (L-inf, inputs in [0, 1])
 
+class NonFiniteLogits(InputError):
+    """A model gave NaN or inf logits: no prediction, loss or accuracy can be read from them.
+
+    argmax would pick an arbitrary class and count it right or wrong; an attack
+    would step along NaN gradients. An InputError: it is the model's fault.
+    """
+
+
 def clamp(x, lower, upper):
     return torch.max(torch.min(x, upper), lower)
 
@@ -493,7 +469,12 @@ def attack_pgd(model, X, y, epsilon, alpha, attack_iters, restarts, loss='ce'):
             d = delta[active].requires_grad_(True)
             logits = model(X[active] + d)
             correct = logits.argmax(1) == y[active]
-            if not correct.any():
+            any_correct, finite = torch.stack([correct.any(),
+                                               torch.isfinite(logits).all()]).tolist()
+            if not finite:  # checked with the stop test: one host sync, as before
+                raise NonFiniteLogits('the model gives NaN or inf logits on examples under '
+                                      'attack; no accuracy is computed from them')
+            if not any_correct:
                 break
             grad, = torch.autograd.grad(loss_fn(logits, y[active]).sum(), d)
             active = active[correct]
@@ -501,6 +482,9 @@ def attack_pgd(model, X, y, epsilon, alpha, attack_iters, restarts, loss='ce'):
             delta[active] = clamp(stepped, lower[active], upper[active])
         with torch.no_grad():
             logits = model(X + delta)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteLogits('the model gives NaN or inf logits on attacked examples; '
+                                      'no accuracy is computed from them')
             fooled = logits.argmax(1) != y
             final_loss = loss_fn(logits, y)
         better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (final_loss > best_loss))
@@ -548,7 +532,14 @@ def evaluate_batches(model, batches, attack=None):
         if attack is not None:
             X = X + attack(model, X, y)
         with torch.no_grad():
-            correct += (model(X).argmax(1) == y).sum().item()
+            logits = model(X)
+            right, not_finite = torch.stack([(logits.argmax(1) == y).sum(),
+                                             (~torch.isfinite(logits)).any(1).sum()]).tolist()
+        if not_finite:
+            raise NonFiniteLogits(f'{not_finite} of {len(y)} '
+                                  f'{"attacked " if attack is not None else ""}examples get NaN '
+                                  'or inf logits; no accuracy is computed from them')
+        correct += right
         total += len(y)
     return correct, total
 
@@ -597,87 +588,7 @@ def pgd_attack(epsilon, alpha, attack_iters, restarts, loss='ce'):
 
 
 # ---------------------------------------------------------------------------
-# Files: written atomically, read without executing code
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _atomic_write(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    """torch.save through a temporary file, so ``path`` is never left truncated."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_bytes(path, data):
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_array(path, array):
-    """np.save (no pickles) through a temporary file: a reader never sees half an array."""
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode())
-
-
-def check_writable_dir(directory, flag):
-    """Create ``directory`` if need be and make sure a file can be written in it.
-
-    Done before any work, so a bad ``flag`` (e.g. --out_dir) costs nothing; the
-    InputError names the flag and the directory.
-    """
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise InputError(f'{flag} {directory} is a file, not a directory')
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise InputError(f'{flag} {directory}: cannot write there ({e.strerror or e})')
-
-
-def create_new_text_file(directory, name, text):
-    """Write ``text`` to a new file ``name`` in ``directory`` and return its path.
-
-    An existing file is never replaced: if ``name`` (say results.json) is taken,
-    results-2.json, results-3.json, ... are tried. Each name is claimed with
-    O_EXCL, so two processes never pick the same one; the text then goes in
-    atomically, like every later rewrite of the file.
-    """
-    stem, ext = os.path.splitext(name)
-    for number in itertools.count(1):
-        path = os.path.join(directory, name if number == 1 else f'{stem}-{number}{ext}')
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        atomic_write_text(path, text)
-        return path
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+# Checkpoints: read without executing code, checked before a model is built
 
 def safe_torch_load(path, map_location='cpu'):
     """torch.load with weights_only=True, reporting unreadable files as InputError."""
@@ -690,15 +601,92 @@ def safe_torch_load(path, map_location='cpu'):
                          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})')
 
 
-def strip_prefixes(state_dict):
-    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) key prefixes."""
-    out = {}
+# A float parameter or buffer (BN statistics too) beyond this in absolute value counts as
+# diverged, in training (after every step) and in a checkpoint given for evaluation.
+# Trained CIFAR networks stay many orders of magnitude below it; a run whose
+# weights grow past it (too large a learning rate) is not going to come back.
+WEIGHT_LIMIT = 1e8
+PREFIXES = ('module.', '_orig_mod.')  # DDP's and torch.compile's key prefixes
+# The dtypes a saved model's tensors may have: real floating point weights and statistics
+# (in any common precision: load_state_dict casts them) and integer counters.
+FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+
+
+def strip_prefixes(state_dict, path='the state_dict'):
+    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) key prefixes.
+
+    Two keys that become one (``module.x`` and ``x``) are refused: which of the two
+    tensors is the model's cannot be told, and keeping either would be a guess.
+    """
+    out, original = {}, {}
     for key, value in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
+        stripped = key
+        while stripped.startswith(PREFIXES):
+            stripped = stripped[len(next(p for p in PREFIXES if stripped.startswith(p))):]
+        if stripped in out:
+            raise InputError(f'{path}: the keys {one_line(repr(original[stripped]), 80)} and '
+                             f'{one_line(repr(key), 80)} both name '
+                             f'{one_line(repr(stripped), 80)} once the module./_orig_mod. '
+                             'prefixes are dropped; which one is the model is ambiguous')
+        out[stripped], original[stripped] = value, key
     return out
+
+
+def _refuse(path, keys, what):
+    if keys:
+        raise InputError(f'{path}: {len(keys)} tensor(s) {what} '
+                         f'({one_line(", ".join(keys), 120)}); these weights are unusable')
+
+
+def check_tensor_kinds(path, state):
+    """Refuse tensors no saved model holds, before any is used.
+
+    A model's state_dict holds dense (strided) tensors on a real device, of
+    FLOAT_DTYPES (weights, statistics) or INTEGER_DTYPES (counters). Sparse,
+    quantized and meta tensors and any other dtype (complex, bool, float8, ...)
+    are refused: load_state_dict would cast or drop what they hold. So are
+    tensors whose shape the file does not back with data (an expanded view
+    stores one element for a shape of any size), before a model of that size is built.
+    """
+    _refuse(path, [k for k, v in state.items()
+                   if v.layout != torch.strided or v.is_quantized or v.is_meta],
+            'are sparse, quantized or meta tensors')
+    _refuse(path, [f'{k} ({str(v.dtype).replace("torch.", "")})' for k, v in state.items()
+                   if v.dtype not in FLOAT_DTYPES | INTEGER_DTYPES],
+            'are not real floating point or integer tensors')
+    hollow = [k for k, v in state.items()
+              if v.untyped_storage().nbytes() < v.numel() * v.element_size()]
+    if hollow:
+        raise InputError(f'{path}: {one_line(", ".join(hollow), 120)} hold(s) less data than '
+                         'their shape; not a saved model')
+
+
+def check_weight_values(path, state):
+    """Refuse weights that training would have stopped at (utils.WEIGHT_LIMIT), and more.
+
+    NaN or inf, or beyond WEIGHT_LIMIT in absolute value, as training checks its
+    own weights after every step; and a negative BatchNorm running variance,
+    which no training writes (BatchNorm would take the square root of it).
+    """
+    floats = {k: v for k, v in state.items() if v.dtype in FLOAT_DTYPES}
+    _refuse(path, [k for k, v in floats.items() if not torch.isfinite(v).all()],
+            'hold NaN or inf')
+    _refuse(path, [k for k, v in floats.items() if not (v.abs() <= WEIGHT_LIMIT).all()],
+            f'hold values beyond {WEIGHT_LIMIT:g} in absolute value, where training stops a '
+            'run as diverged')
+    _refuse(path, [k for k, v in floats.items()
+                   if k.endswith('running_var') and not (v >= 0).all()],
+            'are BatchNorm running variances with negative values')
+
+
+def check_kinds_fit(path, state, model):
+    """Each tensor of ``state`` is of the kind (floating point or integer) ``model`` holds there."""
+    expected = model.state_dict()
+    _refuse(path, [k for k, v in state.items()
+                   if k in expected
+                   and (v.dtype in FLOAT_DTYPES) != expected[k].is_floating_point()],
+            'are integers where the model has floating point values, or the reverse')
 
 
 def load_model_weights(path, dataset, arch=None, width=None, script=''):
@@ -707,17 +695,20 @@ def load_model_weights(path, dataset, arch=None, width=None, script=''):
     The architecture is read from the state_dict's keys (``arch`` overrides it),
     the width and the number of classes from its shapes (``width``, if given,
     must match). Raises InputError, naming the problem, for anything that is
-    not a matching state_dict, and for weights holding NaN or inf: their model
-    would be evaluated as if it were a result.
+    not a matching state_dict of dense real tensors with unambiguous keys, and
+    for weights training would have refused (NaN, inf, beyond WEIGHT_LIMIT, a
+    negative BatchNorm variance): their model would be evaluated as if it were
+    a result.
     """
     state = safe_torch_load(path)
     if isinstance(state, dict) and 'teacher' in state and 'student' in state:
         raise InputError(f'{path} is a resumable training checkpoint; evaluate best_model.pth '
                          'or final_model.pth from the same run directory')
     if not isinstance(state, dict) or not state or \
-            not all(isinstance(v, torch.Tensor) for v in state.values()):
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f'{path} does not hold a state_dict (a dict of tensors)')
-    state = strip_prefixes(state)
+    state = strip_prefixes(state, path)
+    check_tensor_kinds(path, state)
     arch = arch or detect_arch(state)
     if arch is None:
         raise InputError(f'{path} is not a checkpoint of {", ".join(ARCHS)} (its keys are '
@@ -727,29 +718,19 @@ def load_model_weights(path, dataset, arch=None, width=None, script=''):
             state[width_key].dim() != 4:
         raise InputError(f'{path} is not a {arch} checkpoint (no {head} and {width_key} of '
                          'the right kind)')
-    # A tensor saved as an expanded view stores one element for a shape of any size: the
-    # shapes must be backed by data in the file before a model of their size is built.
-    hollow = [k for k, v in state.items()
-              if v.untyped_storage().nbytes() < v.numel() * v.element_size()]
-    if hollow:
-        raise InputError(f'{path}: {one_line(", ".join(hollow), 120)} hold(s) less data than '
-                         'their shape; not a saved model')
     found_classes, found_width = num_classes_of(arch, state), width_of(arch, state)
     if found_classes != spec['num_classes']:
         raise InputError(f'{path} is a {found_classes}-class model; {script} evaluates '
                          f'{spec["num_classes"]}-class models')
     if width is not None and width != found_width:
         raise InputError(f'{path} has width {found_width}, not --width {width}')
-    not_finite = [key for key, value in state.items()
-                  if value.is_floating_point() and not torch.isfinite(value).all()]
-    if not_finite:
-        raise InputError(f'{path}: {len(not_finite)} tensor(s) hold NaN or inf '
-                         f'({one_line(", ".join(not_finite), 120)}); these weights are unusable')
+    check_weight_values(path, state)
     try:
-        # Shapes first, on the meta device (no memory), then the model for real.
+        # Shapes and kinds first, on the meta device (no memory), then the model for real.
         with torch.device('meta'):
-            build_model(arch, found_classes, found_width, spec['image_size']).load_state_dict(
-                state, assign=True)
+            shapes = build_model(arch, found_classes, found_width, spec['image_size'])
+        check_kinds_fit(path, state, shapes)
+        shapes.load_state_dict(state, assign=True)
         model = build_model(arch, found_classes, found_width, spec['image_size'],
                             NORMALIZATION.get(dataset))
         model.load_state_dict(state)

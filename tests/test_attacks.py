@@ -14,8 +14,8 @@ from payloads import CreatesAFile
 from preactresnet import PreActResNet18
 from conftest import run_script
 from synthetic import learnable_images, write_synthetic_cifar
-from utils import (InputError, attack_pgd, evaluate_batches, load_model_weights, pgd_attack,
-                   sha256_file)
+from utils import (InputError, NonFiniteLogits, attack_pgd, evaluate_batches, load_model_weights,
+                   pgd_attack, sha256_file)
 
 EPS = 8 / 255
 
@@ -269,6 +269,64 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
         load_model_weights(str(path), 'cifar10', None, width, 'test_cifar10.py')
 
 
+def spoiled(state, how):
+    """``state`` with one tensor of a kind, or one value, that no training writes."""
+    state = dict(state)
+    if how == 'ambiguous keys':
+        state['module.linear.bias'] = state['linear.bias'] + 1
+    elif how == 'beyond the weight limit':
+        state['linear.weight'] = state['linear.weight'].clone()
+        state['linear.weight'][0, 0] = 2e8
+    elif how == 'negative running variance':
+        state['layer2.0.bn1.running_var'] = state['layer2.0.bn1.running_var'].clone()
+        state['layer2.0.bn1.running_var'][3] = -0.5
+    elif how == 'float counter':
+        key = 'layer1.0.bn1.num_batches_tracked'
+        state[key] = state[key].double()
+    else:
+        state['linear.weight'] = {
+            'complex': lambda v: v.to(torch.complex64), 'bool': lambda v: v > 0,
+            'integer': lambda v: v.to(torch.int64), 'sparse': lambda v: v.to_sparse(),
+            'meta': lambda v: torch.empty_like(v, device='meta'),
+            'quantized': lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8),
+        }[how](state['linear.weight'])
+    return state
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')  # torch on sparse and quantized tensors
+@pytest.mark.parametrize('how,message', [
+    ('ambiguous keys', "the keys 'linear.bias' and 'module.linear.bias' both name 'linear.bias' "
+                       'once the module./_orig_mod. prefixes are dropped'),
+    ('beyond the weight limit', r'1 tensor\(s\) hold values beyond 1e\+08 in absolute value, '
+                                r'where training stops a run as diverged \(linear.weight\)'),
+    ('negative running variance', r'are BatchNorm running variances with negative values '
+                                  r'\(layer2.0.bn1.running_var\)'),
+    ('complex', r'are not real floating point or integer tensors \(linear.weight \(complex64\)\)'),
+    ('bool', r'are not real floating point or integer tensors \(linear.weight \(bool\)\)'),
+    ('integer', r'are integers where the model has floating point values, or the reverse '
+                r'\(linear.weight\)'),
+    ('float counter', r'or the reverse \(layer1.0.bn1.num_batches_tracked\)'),
+    ('sparse', r'are sparse, quantized or meta tensors \(linear.weight\)'),
+    ('meta', r'are sparse, quantized or meta tensors \(linear.weight\)'),
+    ('quantized', r'are sparse, quantized or meta tensors \(linear.weight\)'),
+])
+def test_a_checkpoint_no_training_writes_is_refused_naming_the_tensor(tmp_path, how, message):
+    """Checked as training checks its own weights, and more: kinds, BN variances, unique keys."""
+    path = save(spoiled(PreActResNet18(10, width=8).state_dict(), how), tmp_path / 'model.pth')
+    with pytest.raises(InputError, match=f'^{path}: .*{message}'):
+        load_model_weights(path, 'cifar10', None, None, 'test_cifar10.py')
+
+
+def test_half_and_double_precision_weights_load_as_float(tmp_path):
+    state = PreActResNet18(10, width=8).state_dict()
+    for dtype in (torch.float16, torch.float64):
+        path = save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                    tmp_path / 'model.pth')
+        model = load_model_weights(path, 'cifar10')
+        assert all(torch.equal(v, state[k].to(dtype).float()) if v.is_floating_point()
+                   else torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path):
     victim = tmp_path / 'created-by-payload'
     path = save({'conv1.weight': torch.zeros(1), 'x': CreatesAFile(str(victim))},
@@ -483,3 +541,66 @@ def test_nan_and_inf_attack_settings_are_refused_in_one_argparse_line(capsys, fl
     errors = [line for line in err.splitlines() if 'error' in line]
     assert code == 2 and len(errors) == 1
     assert errors[0].endswith(f"error: argument {flag}: '{value}' is not a finite number")
+
+
+# ---------------------------------------------------------------------------
+# No accuracy from NaN logits
+
+class NaNAwayFrom(nn.Module):
+    """A linear model that gives NaN logits on any input other than ``clean``."""
+
+    def __init__(self, model, clean):
+        super().__init__()
+        self.model, self.clean = model, clean
+
+    def forward(self, x):
+        logits = self.model(x)
+        away = (x != self.clean[:len(x)]).flatten(1).any(1) if len(x) == len(self.clean) \
+            else torch.ones(len(x), dtype=torch.bool)
+        return torch.where(away[:, None], torch.full_like(logits, float('nan')), logits)
+
+
+def test_an_accuracy_is_never_counted_from_nan_logits():
+    model, X, y = linear_problem(n=40)
+    with pytest.raises(NonFiniteLogits, match='^40 of 40 examples get NaN or inf logits'):
+        evaluate_batches(NaNAwayFrom(model, X + 1), [(X, y)])
+    nan_under_attack = NaNAwayFrom(model, X)
+    assert evaluate_batches(nan_under_attack, [(X, y)])[1] == 40, 'clean logits are finite'
+    with pytest.raises(NonFiniteLogits, match='NaN or inf logits on examples under attack'):
+        attack_pgd(nan_under_attack, X, y, EPS, EPS / 4, 10, 1)
+    with pytest.raises(NonFiniteLogits, match='attacked examples get NaN or inf logits'):
+        evaluate_batches(nan_under_attack, [(X, y)], lambda m, X, y: torch.full_like(X, EPS))
+
+
+def overflowing_checkpoint(tmp_path):
+    """Finite weights within the limit whose activations overflow fp32: inf, then NaN, logits."""
+    checkpoint = model_and_data(tmp_path)
+    state = torch.load(checkpoint, weights_only=True)
+    for key in state:
+        if key.endswith('bn1.weight') or key.endswith('bn2.weight'):
+            state[key].fill_(1e7)
+    torch.save(state, checkpoint)
+    return checkpoint
+
+
+def test_a_model_with_nan_clean_logits_stops_before_any_attack(tmp_path, capsys):
+    checkpoint = overflowing_checkpoint(tmp_path)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', '6', '--batch_size', '4')
+    assert code == 2 and 'results go to' not in out and '%' not in out, 'no attack ran'
+    assert err == (f'error: {checkpoint}: the model gives NaN or inf logits on 4 of the first 4 '
+                   'test images, unattacked; nothing was evaluated\n')
+    assert not (tmp_path / 'out' / 'results.json').exists()
+
+
+def test_a_repeated_attack_name_runs_once(tmp_path, capsys):
+    assert evaluate.attack_list('pgd10, clean,pgd10,clean') == ['pgd10', 'clean']
+    checkpoint = model_and_data(tmp_path)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', '4', '--attacks', 'clean,clean,clean')
+    assert code == 0, err
+    report = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert report['attacks'] == ['clean'] and list(report['results'][0]['attacks']) == ['clean']
+    assert len([line for line in out.splitlines() if line.startswith('| clean |')]) == 1

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import benchmark
+import bf16_check
 import mixkl
 import training
 from conftest import ROOT, run_script
@@ -101,3 +102,31 @@ def test_torchvision_reads_the_files_load_cifar_reads(tmp_path):
     dataset = benchmark.UncheckedCIFAR100(root, train=True)
     assert np.array_equal(dataset.data, x.permute(0, 2, 3, 1).numpy())
     assert dataset.targets == y.tolist()
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--chec'], 'unrecognized arguments: --chec'),  # never taken for --check, nor ignored
+    (['--check', '--steps', '2'],
+     'benchmark.py --check: error: unrecognized arguments: --steps 2'),
+    (['--check', '--amp'], 'benchmark.py --check: error: unrecognized arguments: --amp'),
+    (['--check-epochs', '1'], 'unrecognized arguments: --check-epochs 1'),
+    (['--check', '--dataset', 'tinyimagenet'], "argument --dataset: invalid choice: 'tinyimagenet'"),
+])
+def test_benchmark_and_its_check_refuse_each_others_flags_in_one_line(capsys, monkeypatch,
+                                                                       argv, message):
+    def ran(*args):
+        raise AssertionError('a refused command line ran')
+    monkeypatch.setattr(benchmark, 'run_benchmark', ran)
+    monkeypatch.setattr(bf16_check, 'run_check', ran)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['--device', 'cpu', *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    error, = [line for line in err.splitlines() if 'error' in line]
+    assert message in error
+
+
+def test_bf16_check_offers_only_the_datasets_it_can_run(capsys):
+    with pytest.raises(SystemExit):
+        bf16_check.parse_args(['--help'])
+    assert '{cifar10,cifar100}' in capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import files
 import utils
 from payloads import (FROMBUFFER, RECONSTRUCT, CreatesAFile, Reduce, array_with_state,
                       forged_dtype, hex_chain)
@@ -225,7 +226,7 @@ def test_data_errors_are_one_line_naming_the_file(tmp_path, monkeypatch):
 
     def unreadable(*args, **kwargs):
         raise PermissionError(13, 'Permission denied')
-    monkeypatch.setattr(utils, 'open', unreadable, raising=False)
+    monkeypatch.setattr(files, 'open', unreadable, raising=False)  # files.read_file
     assert load_error(tmp_path).endswith('data_batch_1: cannot be read (Permission denied)')
 
 

@@ -226,6 +226,45 @@ def test_an_image_rewritten_with_the_same_byte_size_rebuilds_the_cache(tmp_path)
     assert torch.equal(x[0], pil_pixels(path))
 
 
+def test_an_image_rewritten_with_its_size_and_mtime_kept_rebuilds_the_cache(tmp_path):
+    """The key holds each file's ctime and inode: an mtime set back (cp -p, tar) still counts."""
+    base = make(tmp_path)
+    path = first_train_image(base)
+    load(tmp_path, train=True)
+    before = os.stat(path)
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(10)).save(buffer, 'JPEG', quality=50)
+    replacement = path + '.new'
+    write_bytes(replacement, buffer.getvalue().ljust(before.st_size, b'\0'))
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, path)  # a new inode, the old size and mtime
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    x, _ = load(tmp_path, train=True)
+    assert torch.equal(x[0], pil_pixels(path))
+    # The same file, rewritten in place: its inode is kept, its ctime is not.
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(11)).save(buffer, 'JPEG', quality=50)
+    with open(path, 'r+b') as f:
+        f.write(buffer.getvalue().ljust(before.st_size, b'\0'))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_ino == after.st_ino
+    x, _ = load(tmp_path, train=True)
+    assert torch.equal(x[0], pil_pixels(path))
+
+
+def test_text_files_with_a_utf8_byte_order_mark_load(tmp_path):
+    """Editors on Windows write one: wnids.txt and val_annotations.txt load all the same."""
+    base = make(tmp_path)
+    x, y = load(tmp_path, train=False)
+    for name in ('wnids.txt', os.path.join('val', 'val_annotations.txt')):
+        rewrite(os.path.join(base, name), lambda text: '\ufeff' + text)
+    x_bom, y_bom = load(tmp_path, train=False)
+    assert torch.equal(x_bom, x) and torch.equal(y_bom, y)
+    _, y_train = load(tmp_path, train=True)
+    assert y_train.unique().tolist() == list(range(4))
+
+
 def test_changed_annotations_change_the_val_labels(tmp_path):
     base = make(tmp_path)
     _, y = load(tmp_path, train=False)
@@ -457,7 +496,14 @@ def bad_annotation_of_a_missing_image(base):
 def bad_empty_train_split(base):
     for wnid in listed_wnids(base):
         empty_folder(os.path.join(base, 'train', wnid, 'images'))
-    return True, os.path.join(base, 'train'), 'training split has no images'
+    first = sorted(listed_wnids(base))[0]
+    return True, os.path.join(base, 'train', first, 'images'), f'no images of class {first}'
+
+
+def bad_one_class_folder_without_images(base):
+    wnid = sorted(listed_wnids(base))[2]  # a partial extraction: the class would never be seen
+    folder = empty_folder(os.path.join(base, 'train', wnid, 'images'))
+    return True, folder, f'no images of class {wnid}'
 
 
 def bad_empty_val_split(base):

@@ -281,6 +281,8 @@ def test_weights_beyond_the_limit_or_not_finite_are_named():
     (['--lambda-kl-base', 'inf'], "argument --lambda-kl-base: 'inf' is not a finite number"),
     (['--mixup-alpha', '-1'], 'argument --mixup-alpha: -1.0 must be >= 0'),
     (['--weight-decay', 'nan'], "argument --weight-decay: 'nan' is not a finite number"),
+    (['--lr-max', '10.5'], 'argument --lr-max: 10.5 must be <= 10'),
+    (['--weight-decay', '1.01'], 'argument --weight-decay: 1.01 must be <= 1'),
     (['--seed', '1e20'], "argument --seed: '1e20' is not an int"),
     (['--seed', str(2 ** 40)], f'argument --seed: {2 ** 40} must be <= {2 ** 31 - 1}'),
     (['--seed', '-1'], 'argument --seed: -1 must be >= 0'),
