@@ -5,7 +5,8 @@
 [0, 1]; the numbers come back from ``evaluate_checkpoint`` and are printed
 and saved afterwards. Each distinct file content is attacked once: a checkpoint
 with the same SHA-256 as an earlier one is reported with its numbers
-(``same_as`` in results.json).
+(``same_as`` in results.json). After the attacks, ``checks.run_checks`` looks for
+the signs of gradient masking (``--no-checks`` skips it).
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+import checks
 from flags import default_eval_alpha
 from models import ARCHS
 from progress import progress
@@ -75,6 +77,10 @@ def build_parser(dataset):
     p.add_argument('--seed', type=seed_int, default=0)
     p.add_argument('--device', type=device_flag,
                    help='cuda, cpu ... (default: cuda when present)')
+    p.add_argument('--checks', action=argparse.BooleanOptionalAction, default=True,
+                   help='after the attacks, check for signs of gradient masking (checks.py)')
+    p.add_argument('--checks-examples', '--checks_examples', type=positive_int,
+                   default=checks.SETTINGS.examples, help='test images the checks attack')
     return p
 
 
@@ -257,6 +263,9 @@ def format_table(report):
     for attack in report['attacks']:
         cells = [f'{100 * r["attacks"][attack]["accuracy"]:.2f}%' for r in report['results']]
         lines.append(f'| {LABELS[attack]} | ' + ' | '.join(cells) + ' |')
+    if any('checks' in r for r in report['results']):
+        lines.append('| checks | ' + ' | '.join(checks.table_cell(r) for r in report['results'])
+                     + ' |')
     return '\n'.join(lines)
 
 
@@ -299,6 +308,8 @@ def run(dataset, args):
             # Same bytes, same numbers: reported under this name too, not attacked again.
             entry['same_as'] = earlier['checkpoint']
             entry['attacks'] = copy.deepcopy(earlier['attacks'])
+            if 'checks' in earlier:
+                entry['checks'] = copy.deepcopy(earlier['checks'])
             save()
             print(f'{path}: same file content as {os.path.relpath(earlier["checkpoint"])}: '
                   'not attacked again')
@@ -312,7 +323,17 @@ def run(dataset, args):
             entry['attacks'] = results
             save()
         try:
-            evaluate_checkpoint(model.to(device), x, y, args, log_prefix, after_each=save_attacks)
+            with checks.autoattack_messages() as autoattack_messages:
+                evaluate_checkpoint(model.to(device), x, y, args, log_prefix,
+                                    after_each=save_attacks)
+            if args.checks:
+                start = time.time()
+                entry['checks'] = checks.run_checks(
+                    model, x, y, args.epsilon / 255, args.seed, args.batch_size,
+                    checks.Settings(examples=args.checks_examples),
+                    autoattack_messages if 'aa' in args.attacks else None)
+                save()
+                print(checks.format_checks(entry['checks'], time.time() - start), flush=True)
         except NonFiniteLogits as e:
             raise InputError(f'{path}: {e}') from None
     print('\n' + format_table(report))

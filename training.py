@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import plots
 import runs
+from checks import overfitting_warning
 from cli import cuda_default, enable_fast_cuda, failed_write, resolve_device, start_script
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import (STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, momentum_at,
@@ -497,10 +498,9 @@ class Trainer:
                  f'{split} clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
         if runs.overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
                              [r['alarm_pgd_acc'] for r in self.history]):
-            self.log(f'WARNING: catastrophic overfitting? On {len(self.alarm_batch[1])} training '
-                     f'images PGD accuracy fell to {alarm_pgd:.4f} (best '
-                     f'{max(r["alarm_pgd_acc"] for r in self.history):.4f}) while FGSM accuracy '
-                     f'is {alarm_fgsm:.4f}')
+            self.log('WARNING: ' + overfitting_warning(
+                f'{len(self.alarm_batch[1])} training images', alarm_fgsm, alarm_pgd,
+                best_pgd=max(r['alarm_pgd_acc'] for r in self.history)))
         return True
 
     def _alarm_accuracies(self):

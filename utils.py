@@ -544,6 +544,22 @@ def evaluate_batches(model, batches, attack=None):
     return correct, total
 
 
+def robust_mask(model, batches, attack=None):
+    """Per example, in batch order: is it classified correctly (after ``attack``)?
+
+    ``evaluate_batches`` one example at a time, as a bool tensor: checks.py compares
+    attacks example by example (an example PGD-50 leaves that PGD-10 broke).
+    """
+    model.eval()
+    masks = []
+    for X, y in batches:
+        if attack is not None:
+            X = X + attack(model, X, y)
+        with torch.no_grad():
+            masks.append(model(X).argmax(1) == y)
+    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+
+
 def evaluate_robustness(model, batches, epsilon, alpha, attack_iters, dist=None, seed=None):
     """Clean and PGD accuracy (one restart) of ``model`` on the same batches.
 

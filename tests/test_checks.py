@@ -1,0 +1,471 @@
+"""The evaluation's checks for gradient masking (checks.py).
+
+Masked models (an 8-bit input rounding with a zero gradient, logits scaled until the
+softmax saturates, a randomised model) make the checks warn; a normal adversarially
+trained model passes them; each judgement warns on numbers that must warn; the checks
+do not depend on what ran before them; the evaluation script reports them.
+"""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checks
+import evaluate
+import runs
+import training
+from conftest import read_metrics
+from preactresnet import PreActResNet18
+from synthetic import learnable_images, write_synthetic_cifar
+from utils import attack_fgsm, attack_pgd, robust_mask
+
+EPS = 16 / 255
+# FGSM training without a random start at 64/255, past the 44/255 any model resists on
+# coloured_images: its radius, training images, learning rate and most epochs.
+CO_EPS, CO_TRAIN, CO_LR, CO_EPOCHS = 64 / 255, 2000, 0.05, 30
+# Small enough for a CPU test, large enough that one image is under the noise share.
+SMALL = checks.Settings(examples=128, square_examples=128, square_queries=300)
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+def coloured_images(n):
+    """``n`` class-coloured 8x8 images (synthetic.py's, cropped) and their labels.
+
+    Two classes' colours are 88/255 apart in some channel: a model can be robust up to
+    44/255, none is at 64/255.
+    """
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    images = torch.from_numpy(learnable_images(labels, 10, rng)).float().div(255)
+    return images.view(-1, 3, 32, 32)[:, :, :8, :8].contiguous(), torch.from_numpy(labels)
+
+
+@pytest.fixture(scope='module')
+def trained():
+    """An MLP PGD-trained at 16/255 on class-coloured 8x8 images (2 s), and 128 test images."""
+    X, y = coloured_images(640)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for epoch in range(20):
+        for i in range(0, 512, 64):
+            xb, yb = X[i:i + 64], y[i:i + 64]
+            model.eval()
+            delta = attack_pgd(model, xb, yb, EPS, EPS / 3, 3, 1)
+            model.train()
+            loss = F.cross_entropy(model(xb + delta), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), X[512:], y[512:]
+
+
+@pytest.fixture(scope='module')
+def overfitted():
+    """A small CNN FGSM-trained from the image itself (no random start) at 64/255, stopped
+    once it overfits catastrophically on its training images (FGSM accuracy at least 30
+    points above and twice PGD-10's, the training alarm's sign): about 10 s."""
+    X, y = coloured_images(CO_TRAIN + 200)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=CO_LR, momentum=0.9)
+    watched = (X[:200], y[:200])
+    for epoch in range(CO_EPOCHS):
+        for i in range(0, CO_TRAIN, 64):
+            xb, yb = X[i:i + 64], y[i:i + 64]
+            model.eval()
+            delta = attack_fgsm(model, xb, yb, CO_EPS)
+            model.train()
+            loss = F.cross_entropy(model(xb + delta), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        fgsm = robust_mask(model, [watched], lambda m, X_, y_: attack_fgsm(m, X_, y_, CO_EPS))
+        torch.manual_seed(0)
+        pgd = robust_mask(model, [watched], lambda m, X_, y_: attack_pgd(m, X_, y_, CO_EPS,
+                                                                           CO_EPS / 4, 10, 1))
+        if fgsm.float().mean() - pgd.float().mean() > 0.3 and pgd.sum() < 0.5 * fgsm.sum():
+            return model, X[CO_TRAIN:], y[CO_TRAIN:]
+    pytest.fail(f'no catastrophic overfitting in {CO_EPOCHS} epochs')
+
+
+class Quantised(nn.Module):
+    """Rounds its input to 8 bits first: torch.round has a zero gradient everywhere."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 255) / 255)
+
+
+class Saturated(nn.Module):
+    """Logits times 1e4: the softmax saturates, the loss's gradient is exactly zero."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 1e4
+
+
+class Randomised(nn.Module):
+    """Gaussian noise on the input at every forward: the attacks see another model each time."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + 0.1 * torch.randn_like(x))
+
+
+class Flickering(nn.Module):
+    """Saturates the logits of a random half of the examples at every forward (see Saturated)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        z = self.model(x)
+        return z * torch.where(torch.rand(len(z), 1) < 0.5, 1e4, 1.0)
+
+
+def verdicts(found):
+    return {c['name']: c['verdict'] for c in found}
+
+
+def warned(found):
+    return {c['name'] for c in found if c['verdict'] == 'warn'}
+
+
+def run(model, X, y, seed=0, **kw):
+    return checks.run_checks(model, X, y, EPS, seed, 64, SMALL, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Models that must warn, and one that must pass
+
+def test_a_normal_adversarially_trained_model_passes_every_check(trained):
+    model, X, y = trained
+    found = run(model, X, y)
+    assert verdicts(found) == {name: 'pass' for name, _, _ in checks.CHECKS}
+    numbers = {c['name']: c['numbers'] for c in found}
+    # Not a trivial pass: the model is robust, and the attacks do break it where they must.
+    assert numbers['stronger_attacks']['pgd50_accuracy'] > 0.6
+    assert numbers['large_epsilon']['accuracy'] == 0
+    assert numbers['black_box']['left_by_pgd50'] > 60
+    assert runs.check_warnings({'checks': found}) == 0
+
+
+@pytest.mark.parametrize('mask', [Quantised, Saturated])
+def test_masked_gradients_make_the_checks_warn(trained, mask):
+    model, X, y = trained
+    found = run(mask(model), X, y)
+    # PGD cannot move the examples: they seem robust even at 64/255, Square breaks some,
+    # accuracy does not fall with epsilon, and the gradients are zero.
+    assert warned(found) == {'gradients_alive', 'large_epsilon', 'black_box',
+                             'accuracy_falls_with_epsilon'}
+    assert runs.check_warnings({'checks': found}) == 4
+    numbers = {c['name']: c['numbers'] for c in found}
+    assert numbers['gradients_alive']['zero_gradient_share'] > 0.9
+    assert numbers['large_epsilon']['accuracy_other_classes'] > 0.8
+
+
+class Collapsed(nn.Module):
+    """Answers class 0 whatever the input: its class-0 images are robust at any radius."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 0 + torch.arange(10.0, 0, -1)
+
+
+def test_a_collapsed_model_keeps_one_class_at_a_large_radius_without_a_warning(trained):
+    model, X, y = trained
+    found = {c['name']: c for c in run(Collapsed(model), X, y)}
+    numbers = found['large_epsilon']['numbers']
+    assert numbers['accuracy'] == (y[:128] == 0).float().mean().item() > 0.05
+    assert numbers['class_kept_most'] == 0 and numbers['accuracy_other_classes'] == 0
+    assert found['large_epsilon']['verdict'] == 'pass'
+
+
+def test_a_randomised_model_makes_stronger_attacks_do_worse(trained):
+    model, X, y = trained
+    found = run(Randomised(model), X, y)
+    assert 'stronger_attacks' in warned(found)
+    assert {c['name']: c['numbers'] for c in found}[
+        'stronger_attacks']['broken_by_pgd10_not_pgd50'] > 0.01 * len(y)
+
+
+def test_catastrophic_overfitting_warns_in_the_training_alarms_words(overfitted):
+    model, X, y = overfitted  # on its test images now
+    found = checks.run_checks(model, X, y, CO_EPS, 0, 100, SMALL)
+    check = next(c for c in found if c['name'] == 'catastrophic_overfitting')
+    assert check['verdict'] == 'warn', check
+    assert check['meaning'] == checks.overfitting_warning(
+        '128 test images', check['numbers']['fgsm_accuracy'], check['numbers']['pgd50_accuracy'])
+
+
+# ---------------------------------------------------------------------------
+# Each judgement, on numbers given by hand
+
+def stronger(unnested=0, fgsm=60, pgd10=50):
+    return dict(examples=100, fgsm_accuracy=fgsm / 100, pgd10_accuracy=pgd10 / 100,
+                pgd50_accuracy=(pgd10 - 2) / 100, broken_by_pgd10_not_pgd50=unnested,
+                fgsm_correct=fgsm, pgd10_correct=pgd10)
+
+
+def falls(half, eps, double, clean=0.8):
+    return dict(examples=100, epsilon_255=8, clean_accuracy=clean, accuracy_half_eps=half,
+                accuracy_eps=eps, accuracy_double_eps=double, broken_at_smaller_not_larger=0)
+
+
+JUDGEMENTS = [
+    # (judge, numbers, verdict)
+    (checks.judge_stronger_attacks, stronger(), 'pass'),
+    (checks.judge_stronger_attacks, stronger(unnested=1), 'pass'),  # within the noise share
+    (checks.judge_stronger_attacks, stronger(unnested=2), 'warn'),
+    (checks.judge_stronger_attacks, stronger(fgsm=49, pgd10=50), 'pass'),
+    (checks.judge_stronger_attacks, stronger(fgsm=40, pgd10=50), 'warn'),
+    (checks.judge_catastrophic_overfitting,
+     dict(examples=100, fgsm_accuracy=0.55, pgd50_accuracy=0.47), 'pass'),
+    (checks.judge_catastrophic_overfitting,  # too little to lose to tell
+     dict(examples=100, fgsm_accuracy=0.08, pgd50_accuracy=0.0), 'pass'),
+    (checks.judge_catastrophic_overfitting,  # Madry et al.'s undefended CIFAR-10 network
+     dict(examples=100, fgsm_accuracy=0.327, pgd50_accuracy=0.035), 'warn'),
+    (checks.judge_catastrophic_overfitting,
+     dict(examples=100, fgsm_accuracy=0.85, pgd50_accuracy=0.02), 'warn'),
+    (checks.judge_catastrophic_overfitting,
+     dict(examples=100, fgsm_accuracy=0.6, pgd50_accuracy=0.25), 'warn'),
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.7, 0.5, 0.2), 'pass'),
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.0, 0.0, 0.0), 'pass'),  # nothing left
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.8, 0.8, 0.8), 'pass'),  # nothing found
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.4, 0.45), 'warn'),  # rises
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.5, 0.5), 'warn'),  # flat, bitten
+    (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.02,
+                                      class_kept_most=3, accuracy_other_classes=0.01), 'pass'),
+    (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.1,  # collapsed
+                                      class_kept_most=3, accuracy_other_classes=0.0), 'pass'),
+    (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.05,
+                                      class_kept_most=3, accuracy_other_classes=0.03), 'warn'),
+    (checks.judge_black_box,
+     dict(examples=100, queries=1000, left_by_pgd50=50, broken_by_square=2), 'pass'),
+    (checks.judge_black_box,
+     dict(examples=100, queries=1000, left_by_pgd50=50, broken_by_square=3), 'warn'),
+    (checks.judge_gradients_alive,
+     dict(examples=100, zero_gradient=1, zero_gradient_share=0.01), 'pass'),
+    (checks.judge_gradients_alive,
+     dict(examples=100, zero_gradient=2, zero_gradient_share=0.02), 'warn'),
+]
+
+
+@pytest.mark.parametrize('judge,numbers,verdict', JUDGEMENTS,
+                         ids=[f'{j.__name__[6:]}-{i}' for i, (j, _, _) in enumerate(JUDGEMENTS)])
+def test_each_judgement_warns_on_numbers_that_must_warn(judge, numbers, verdict):
+    found, kept, meaning = judge(numbers)
+    assert found == verdict and kept == numbers
+    assert meaning and '\n' not in meaning
+
+
+def test_each_check_is_judged_on_numbers_that_warn_and_numbers_that_pass():
+    judged = {(judge, verdict) for judge, _, verdict in JUDGEMENTS}
+    assert judged == {(judge, v) for _, _, judge in checks.CHECKS for v in ('pass', 'warn')}
+
+
+# ---------------------------------------------------------------------------
+# Catastrophic overfitting: the training alarm's words
+
+def test_the_training_alarm_and_the_evaluation_check_say_the_same_words():
+    numbers = dict(examples=500, fgsm_accuracy=0.85, pgd50_accuracy=0.0)
+    verdict, _, meaning = checks.judge_catastrophic_overfitting(numbers)
+    assert verdict == 'warn'
+    assert meaning == ('catastrophic overfitting? On 500 test images PGD accuracy is 0.0000 '
+                       'while FGSM accuracy is 0.8500: ' + checks.MASKING)
+    alarm = checks.overfitting_warning('512 training images', 0.9, 0.01, best_pgd=0.4)
+    assert alarm == ('catastrophic overfitting? On 512 training images PGD accuracy fell to '
+                     '0.0100 (best 0.4000) while FGSM accuracy is 0.9000: ' + checks.MASKING)
+
+
+def test_the_training_alarm_logs_the_shared_words(tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    monkeypatch.setattr(training, 'overfitting_alarm', lambda fgsm, pgd: True)
+    with pytest.raises(SystemExit) as exit_info:
+        training.main('cifar10', ['--data-dir', str(tmp_path / 'data'), '--out_dir',
+                                  str(tmp_path / 'output'), '--epochs', '1', '--batch-size',
+                                  '16', '--width', '8', '--alarm-examples', '8'])
+    assert exit_info.value.code == 0
+    run_dir, = (tmp_path / 'output').iterdir()
+    row, = read_metrics(str(run_dir))
+    fgsm, pgd = float(row['alarm_fgsm_acc']), float(row['alarm_pgd_acc'])
+    warning = 'WARNING: ' + checks.overfitting_warning('8 training images', fgsm, pgd, best_pgd=pgd)
+    assert any(line.endswith(warning) for line in (run_dir / 'train.log').read_text().splitlines())
+
+
+# ---------------------------------------------------------------------------
+# Determinism
+
+def test_checks_are_deterministic_under_the_seed(trained):
+    model, X, y = trained
+    noisy = Randomised(model)  # every forward draws from the RNG: the hardest case
+    first = run(noisy, X, y, seed=3)
+    torch.rand(1000)  # whatever ran before must not matter
+    again = run(noisy, X, y, seed=3)
+    assert again == first
+    assert run(noisy, X, y, seed=4) != first
+
+
+def test_each_check_gives_the_same_numbers_alone_as_after_the_others(trained):
+    model, X, y = trained
+    flickering = Flickering(model)  # which examples have a zero gradient is up to the RNG
+    together = {c['name']: c['numbers'] for c in run(flickering, X, y, seed=5)}
+    assert 0 < together['gradients_alive']['zero_gradient'] < len(y)
+    for name, measure, _ in checks.CHECKS:
+        torch.manual_seed(5)
+        alone = measure(checks.Probe(flickering, X, y, EPS, 5, 64, SMALL))
+        assert alone == together[name], name
+
+
+def test_the_checks_share_their_attacks_example_by_example(trained):
+    model, X, y = trained
+    probe = checks.Probe(model, X, y, EPS, 0, 64, SMALL)
+    pgd10 = probe.robust('pgd', EPS, 10)
+    torch.manual_seed(0)
+    by_hand = robust_mask(model, [(X, y)], lambda m, X_, y_: attack_pgd(m, X_, y_, EPS, EPS / 4,
+                                                                          10, 1))
+    assert torch.equal(pgd10, by_hand)
+    assert (probe.robust('pgd', EPS, 50) <= pgd10).all()
+
+
+# ---------------------------------------------------------------------------
+# AutoAttack's own checks
+
+class Probabilities(nn.Module):
+    """A softmax on the logits: AutoAttack warns that it was given probabilities."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return F.softmax(self.model(x), 1)
+
+
+def test_autoattack_warnings_become_checks(trained, tmp_path):
+    model, X, y = trained
+    import argparse
+    args = argparse.Namespace(attacks=['aa'], epsilon=16.0, alpha=2.0, restarts=1, seed=0,
+                              batch_size=16)
+    with checks.autoattack_messages() as messages:
+        evaluate.evaluate_checkpoint(Probabilities(model), X[:16], y[:16], args,
+                                     str(tmp_path / 'prob'))
+    found = run(Probabilities(model), X[:16], y[:16], autoattack_messages=messages)
+    aa = [c for c in found if c['name'] == 'autoattack']
+    assert aa and all(c['verdict'] == 'warn' for c in aa)
+    assert any('output is a probability distribution' in c['meaning'] for c in aa)
+    assert 'probability distribution' in (tmp_path / 'prob_autoattack.log').read_text()
+    # Without warnings: one passing entry; without AutoAttack: none.
+    assert verdicts(run(model, X[:16], y[:16], autoattack_messages=[]))['autoattack'] == 'pass'
+    assert 'autoattack' not in verdicts(run(model, X[:16], y[:16]))
+
+
+# ---------------------------------------------------------------------------
+# The evaluation script
+
+def write_test_set(root, images, labels):
+    """A synthetic CIFAR-10 whose test batch holds ``images`` (N, 3072 uint8) and ``labels``."""
+    write_synthetic_cifar(str(root), 'cifar10', n_train=10, n_test=len(labels))
+    with open(root / 'cifar-10-batches-py' / 'test_batch', 'wb') as f:
+        pickle.dump({'batch_label': 'synthetic', 'data': images, 'labels': labels}, f, protocol=2)
+
+
+def evaluate_in_process(capsys, *argv):
+    try:
+        evaluate.main('cifar10', [str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope='module')
+def saturated_run(tmp_path_factory):
+    """A run directory whose best and final models are the same saturated PreActResNet, and
+    a test set labelled with its own predictions (clean accuracy 100%)."""
+    root = tmp_path_factory.mktemp('saturated')
+    torch.manual_seed(0)
+    model = PreActResNet18(10, width=8).eval()
+    with torch.no_grad():
+        model.linear.weight.mul_(1e4)
+        model.linear.bias.mul_(1e4)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(16, 3072), dtype=np.uint8)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(images).view(-1, 3, 32, 32).float() / 255).argmax(1)
+    write_test_set(root / 'data', images, labels.tolist())
+    run_dir = root / 'run'
+    run_dir.mkdir()
+    torch.save(model.state_dict(), run_dir / 'best_model.pth')
+    (run_dir / 'final_model.pth').write_bytes((run_dir / 'best_model.pth').read_bytes())
+    return root
+
+
+def test_the_evaluation_script_reports_the_checks(saturated_run, capsys):
+    root = saturated_run
+    code, out, err = evaluate_in_process(capsys, '--model_path', root / 'run', '--out_dir',
+                                         root / 'out', '--data-dir', root / 'data', '--n_ex', 16,
+                                         '--attacks', 'clean,pgd10', '--checks-examples', 16)
+    assert code == 0, err
+    report = json.loads((root / 'out' / 'results.json').read_text())
+    best, final = report['results']
+    assert best['attacks']['clean']['accuracy'] == 1
+    assert [c['name'] for c in best['checks']] == [name for name, _, _ in checks.CHECKS]
+    for check in best['checks']:
+        assert set(check) == {'name', 'verdict', 'numbers', 'meaning'}
+        assert check['verdict'] in ('pass', 'warn')
+        assert all(isinstance(v, (int, float)) for v in check['numbers'].values())
+        assert isinstance(check['meaning'], str) and '\n' not in check['meaning']
+    assert best['checks'][-1]['numbers']['examples'] == 16
+    assert 'gradients_alive' in warned(best['checks'])
+    assert final['checks'] == best['checks'], 'same file content, same checks'
+    # The console: a line per check, and the count in the table.
+    assert f'    WARNING gradients_alive: {best["checks"][-1]["meaning"]}' in out.splitlines()
+    cell = f'{runs.check_warnings(best)} warn: {", ".join(sorted(warned(best["checks"]), key=list(verdicts(best["checks"])).index))}'
+    row = next(line for line in out.splitlines() if line.startswith('| checks |'))
+    assert row == f'| checks | {cell} | {cell} |'
+
+
+def test_no_checks_leaves_them_out(saturated_run, capsys):
+    root = saturated_run
+    code, out, err = evaluate_in_process(capsys, '--model_path', root / 'run' / 'best_model.pth',
+                                         '--out_dir', root / 'out-none', '--data-dir',
+                                         root / 'data', '--n_ex', 4, '--attacks', 'clean',
+                                         '--no-checks')
+    assert code == 0, err
+    entry, = json.loads((root / 'out-none' / 'results.json').read_text())['results']
+    assert 'checks' not in entry and runs.check_warnings(entry) == 0
+    assert '| checks |' not in out and 'WARNING' not in out
+
+
+@pytest.mark.parametrize('value', ['0', '-1', 'nan', 'inf', '2.5'])
+def test_bad_checks_examples_are_refused_in_one_argparse_line(capsys, value):
+    code, out, err = evaluate_in_process(capsys, '--model_path', 'model.pth',
+                                         '--checks-examples', value)
+    errors = [line for line in err.splitlines() if 'error' in line]
+    assert code == 2 and out == '' and len(errors) == 1
+    assert 'error: argument --checks-examples/--checks_examples: ' in errors[0]
