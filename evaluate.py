@@ -115,12 +115,14 @@ def run_attack(model, name, x, y, args, log_path):
     if name == 'aa':
         correct, info = run_autoattack(model, x, y, epsilon, args, log_path)
     else:
-        attack, info = None, {}
+        # What was run, recorded beside its number: clean accuracy is no perturbation at all.
+        attack, info = None, dict(epsilon=0.0, epsilon_255=0.0, iterations=0, step_size=0.0,
+                                  step_size_255=0.0, restarts=0)
         if ATTACKS[name] is not None:
             loss, iters = ATTACKS[name]
             attack = pgd_attack(epsilon, alpha, iters, args.restarts, loss)
-            info = dict(loss=loss, iterations=iters, step_size=alpha, step_size_255=args.alpha,
-                        restarts=args.restarts)
+            info = dict(loss=loss, epsilon=epsilon, epsilon_255=args.epsilon, iterations=iters,
+                        step_size=alpha, step_size_255=args.alpha, restarts=args.restarts)
         batches = progress(in_batches(x, y, args.batch_size), desc=LABELS[name], leave=False)
         correct, _ = evaluate_batches(model, batches, attack)
     return dict(accuracy=correct / len(y), correct=correct, n=len(y), **info,
@@ -158,8 +160,29 @@ def run_autoattack(model, x, y, epsilon, args, log_path):
         raise RuntimeError(f'AutoAttack returned points outside the threat model '
                            f'(max perturbation {max_perturbation:.6f})')
     correct, _ = evaluate_batches(model, in_batches(x_adv, y, args.batch_size))
-    return correct, dict(version='standard', log=os.path.basename(log_path),
-                         max_perturbation=max_perturbation)
+    return correct, dict(version='standard', epsilon=adversary.epsilon,
+                         epsilon_255=round(adversary.epsilon * 255, 6),
+                         components=autoattack_settings(adversary),
+                         log=os.path.basename(log_path), max_perturbation=max_perturbation)
+
+
+def autoattack_settings(adversary):
+    """The iterations, restarts, targets and queries each of AutoAttack's attacks ran with.
+
+    Read from the adversary after construction (its version sets them), so
+    results.json says what ran, not what the package's defaults should be.
+    """
+    apgd, apgd_t, fab, square = (adversary.apgd, adversary.apgd_targeted, adversary.fab,
+                                 adversary.square)
+    settings = {
+        'apgd-ce': dict(iterations=apgd.n_iter, restarts=apgd.n_restarts, epsilon=apgd.eps),
+        'apgd-t': dict(iterations=apgd_t.n_iter, restarts=apgd_t.n_restarts,
+                       target_classes=apgd_t.n_target_classes, epsilon=apgd_t.eps),
+        'fab-t': dict(iterations=fab.n_iter, restarts=fab.n_restarts,
+                      target_classes=fab.n_target_classes, epsilon=fab.eps),
+        'square': dict(queries=square.n_queries, restarts=square.n_restarts, epsilon=square.eps),
+    }
+    return {name: settings[name] for name in adversary.attacks_to_run}
 
 
 class StrictFileHandler(logging.FileHandler):

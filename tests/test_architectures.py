@@ -22,7 +22,7 @@ import training
 from conftest import run_script, same_weights, the_run_dir
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
 from data import load_dataset
-from utils import InputError, load_model_weights
+from utils import InputError, attack_pgd, load_model_weights
 
 SMALL = {'preactresnet18': 8, 'resnet18': 8, 'wrn34-10': 1}  # --width of a quick CPU model
 
@@ -126,8 +126,16 @@ def cifar_dir(tmp_path_factory):
                                  learnable=True)
 
 
-def train_and_evaluate(script, test_script, data_dir, tmp_path, flags):
-    """Train with the real script, then attack what it saved; (run dir, config, metrics, results)."""
+# The evaluation's settings, given explicitly: radius 8/255, PGD step 2/255, seed 0.
+EVAL_FLAGS = ['--n_ex', '16', '--attacks', 'clean,pgd10', '--epsilon', '8', '--alpha', '2',
+              '--restarts', '1', '--seed', '0', '--device', 'cpu']
+
+
+def train_and_evaluate(script, test_script, data_dir, tmp_path, flags, outputs=None):
+    """Train with the real script, then attack what it saved; (run dir, config, metrics, results).
+
+    ``outputs``, a list, receives the two scripts' stdout.
+    """
     out = tmp_path / 'runs'
     result = run_script(script, '--data-dir', data_dir, '--out_dir', out, *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -136,13 +144,22 @@ def train_and_evaluate(script, test_script, data_dir, tmp_path, flags):
         config = json.load(f)
     with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
         rows = list(csv.DictReader(f))
-    result = run_script(test_script, '--model_path', run_dir, '--out_dir', tmp_path / 'eval',
-                        '--data-dir', data_dir, '--n_ex', '16', '--attacks', 'clean,pgd10',
-                        '--device', 'cpu', cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    evaluation = run_script(test_script, '--model_path', run_dir, '--out_dir', tmp_path / 'eval',
+                            '--data-dir', data_dir, *EVAL_FLAGS, cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
     with open(tmp_path / 'eval' / 'results.json') as f:
         report = json.load(f)
+    if outputs is not None:
+        outputs += [result.stdout, evaluation.stdout]
     return run_dir, config, rows, report
+
+
+def pgd10_correct(model, X, y):
+    """PGD-10 (8/255, step 2/255) of EVAL_FLAGS, from the random starts seed 0 gives."""
+    torch.manual_seed(0)
+    delta = attack_pgd(model.eval(), X, y, 8 / 255, 2 / 255, 10, 1)
+    with torch.no_grad():
+        return (model(X + delta).argmax(1) == y).sum().item()
 
 
 GRID = [('resnet18', 'mixkl'), ('wrn34-10', 'mixkl'), ('preactresnet18', 'n_fgsm'),
@@ -169,10 +186,14 @@ def test_every_architecture_and_method_trains_and_evaluates_end_to_end(arch, met
         assert all(row['teacher_updates'] == '0' for row in rows)
     entry = report['results'][0]
     assert (entry['arch'], entry['width']) == (arch, SMALL[arch]), 'read from the checkpoint'
-    assert 0 <= entry['attacks']['pgd10']['accuracy'] <= entry['attacks']['clean']['accuracy']
     # The per-epoch evaluation saw the same model and images as test_cifar10.py.
     best = max(rows, key=lambda row: float(row['test_pgd_acc']))
     assert entry['attacks']['clean']['accuracy'] == float(best['test_clean_acc'])
+    # Its PGD-10 is the attack of EVAL_FLAGS on those images, recomputed here.
+    x, y = load_dataset('cifar10', cifar_dir, train=False)
+    model = load_model_weights(entry['checkpoint'], 'cifar10')
+    correct = pgd10_correct(model, x[:16].float() / 255, y[:16])
+    assert entry['attacks']['pgd10']['correct'] == correct
 
 
 def test_validation_split_is_held_out_and_picks_the_best_model(cifar_dir, tmp_path):
@@ -244,8 +265,9 @@ def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
                                          n_val=8, learnable=True)
     flags = ['--epochs', '2', '--width', '8', '--alarm-examples', '8', '--device', 'cpu',
              '--eval-batch-size', '8']
+    outputs = []
     run_dir, config, rows, report = train_and_evaluate(
-        'MIX_KL_TinyImageNet.py', 'test_tinyimagenet.py', data, tmp_path, flags)
+        'MIX_KL_TinyImageNet.py', 'test_tinyimagenet.py', data, tmp_path, flags, outputs)
     assert {k: config[k] for k in AUTHORS_TINY_DEFAULTS if k != 'epochs'} == \
         {k: v for k, v in AUTHORS_TINY_DEFAULTS.items() if k != 'epochs'}
     assert config['dataset'] == 'tinyimagenet' and len(rows) == 2
@@ -254,8 +276,13 @@ def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
     assert (entry['arch'], entry['num_classes']) == ('preactresnet18', 200)
     model = load_model_weights(os.path.join(run_dir, 'final_model.pth'), 'tinyimagenet')
     assert model.linear.in_features == 4 * 8 * 8, 'a 2x2 grid of pooled features per image'
-    # The cache made by the first run is what the evaluation read: the same images.
-    assert os.path.exists(os.path.join(data, 'tiny-imagenet-200', '.mixkl-cache-val.npy'))
+    # Training decoded each split once; the evaluation read the val cache training made,
+    # decoding nothing, and saw the same images: its clean accuracy is training's.
+    training_out, evaluation_out = outputs
+    assert training_out.count('note: decoding the Tiny-ImageNet-200') == 2
+    assert 'decoding' not in evaluation_out
+    best = max(rows, key=lambda row: float(row['test_pgd_acc']))
+    assert entry['attacks']['clean']['accuracy'] == float(best['test_clean_acc'])
 
 
 def test_tiny_imagenet_scripts_report_a_missing_folder_in_one_line(tmp_path):

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -212,10 +213,11 @@ def save(obj, path):
     return str(path)
 
 
-def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path):
+@pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', 'module._orig_mod.'])
+def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path, prefix):
     model = PreActResNet18(10, width=8)
-    prefixed = {'module.' + k: v for k, v in model.state_dict().items()}
-    loaded = load_model_weights(save(prefixed, tmp_path / 'ddp.pth'), 'cifar10')
+    prefixed = {prefix + k: v for k, v in model.state_dict().items()}
+    loaded = load_model_weights(save(prefixed, tmp_path / 'saved.pth'), 'cifar10')
     assert loaded.width == 8
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
                                                  model.state_dict().values()))
@@ -339,6 +341,16 @@ def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path
 # ---------------------------------------------------------------------------
 # The scripts
 
+def first_test_images(data_dir, dataset, n):
+    """The first n test images / 255 and their labels, read straight from the pickle."""
+    folder, name, key = {'cifar10': ('cifar-10-batches-py', 'test_batch', 'labels'),
+                         'cifar100': ('cifar-100-python', 'test', 'fine_labels')}[dataset]
+    with open(os.path.join(data_dir, folder, name), 'rb') as f:
+        batch = pickle.load(f)
+    X = torch.from_numpy(batch['data'][:n].reshape(-1, 3, 32, 32)).float() / 255
+    return X, torch.tensor(batch[key][:n])
+
+
 @pytest.mark.parametrize('dataset,classes,attacks', [
     ('cifar10', 10, 'clean,pgd10,pgd20,pgd50,cw20,aa'),
     ('cifar100', 100, 'clean,pgd10,cw20'),
@@ -346,25 +358,48 @@ def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path
 def test_evaluation_scripts_write_results_json(tmp_path, dataset, classes, attacks):
     write_synthetic_cifar(str(tmp_path / 'data'), dataset, n_train=10, n_test=40)
     torch.manual_seed(0)
-    checkpoint = save(PreActResNet18(classes, width=8).state_dict(), tmp_path / 'best_model.pth')
+    model = PreActResNet18(classes, width=8).eval()
+    checkpoint = save(model.state_dict(), tmp_path / 'best_model.pth')
     script = 'test_cifar10.py' if dataset == 'cifar10' else 'test_cifar100.py'
     proc = run_script(script, '--model_path', checkpoint, '--out_dir', 'out', '--data-dir', 'data',
-                      '--n_ex', '8', '--attacks', attacks, cwd=tmp_path)
+                      '--n_ex', '8', '--attacks', attacks, '--epsilon', '6', '--alpha', '0.5',
+                      '--restarts', '2', '--seed', '3', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert report['dataset'] == dataset and report['n_examples'] == 8
-    assert report['epsilon'] == pytest.approx(8 / 255)
+    assert report['dataset'] == dataset and report['n_examples'] == 8 and report['seed'] == 3
+    assert report['epsilon'] == pytest.approx(6 / 255)
     entry, = report['results']
     assert entry['checkpoint'] == checkpoint and len(entry['sha256']) == 64
     assert list(entry['attacks']) == attacks.split(',')
-    accuracies = {k: v['accuracy'] for k, v in entry['attacks'].items()}
-    assert all(0 <= a <= accuracies['clean'] for a in accuracies.values())
-    assert entry['attacks']['pgd10']['iterations'] == 10
-    assert entry['attacks']['cw20']['loss'] == 'cw'
-    if 'aa' in accuracies:
-        assert (tmp_path / 'out' / 'best_model_autoattack.log').exists()
+    # Every number recomputed here from the same weights and the pickle's pixels, with the
+    # flags' settings: radius 6/255, step 0.5/255, 2 restarts, the RNG seeded with 3.
+    X, y = first_test_images(tmp_path / 'data', dataset, 8)
+    for name, result in entry['attacks'].items():
+        if name == 'aa':
+            continue
+        attack = None
+        if name != 'clean':
+            loss, iters = evaluate.ATTACKS[name]
+            attack = pgd_attack(6 / 255, 0.5 / 255, iters, 2, loss)
+            assert (result['iterations'], result['step_size_255'], result['restarts'],
+                    result['epsilon_255'], result['loss']) == (iters, 0.5, 2, 6, loss)
+        torch.manual_seed(3)
+        assert result['correct'] == evaluate_batches(model, [(X, y)], attack)[0], name
+        assert result['n'] == 8 and result['accuracy'] == result['correct'] / 8
+    if 'aa' in entry['attacks']:
+        aa = entry['attacks']['aa']
+        assert aa['epsilon_255'] == pytest.approx(6) and aa['max_perturbation'] <= 6 / 255 + 1e-6
+        # Its own log holds the same numbers: clean accuracy first, AutoAttack's at the end.
+        log = (tmp_path / 'out' / 'best_model_autoattack.log').read_text()
+        clean = entry['attacks']['clean']['accuracy']
+        assert f'initial accuracy: {100 * clean:.2f}%' in log
+        assert f'robust accuracy: {100 * aa["accuracy"]:.2f}%' in log
         assert 'AutoAttack 1/4 APGD-CE: batch 1/1' in proc.stdout
-    assert 'PGD-10' in proc.stdout and '| attack |' in proc.stdout
+    # The printed table: one row per attack, its accuracy as results.json has it.
+    for name, result in entry['attacks'].items():
+        row = f'| {evaluate.LABELS[name]} | {100 * result["accuracy"]:.2f}% |'
+        assert row in proc.stdout.splitlines(), row
+    assert '| attack |' in proc.stdout
 
 
 def test_evaluation_script_refuses_a_mismatched_checkpoint_before_evaluating(tmp_path):

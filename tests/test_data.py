@@ -75,19 +75,32 @@ def test_training_batches_are_the_planned_crops_of_the_shuffled_images():
 
 def test_test_batches_are_unaugmented_and_in_order():
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    loader = CifarLoader(images, torch.arange(10), 4, 'cpu', train=False)
-    x = torch.cat([b[0] for b in loader.batches()])
-    assert torch.equal((x * 255).round().to(torch.uint8), images)
+    images[0, 0, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    labels = torch.randperm(10)
+    loader = CifarLoader(images, labels, 4, 'cpu', train=False)
+    batches = list(loader.batches())
+    assert [len(y) for _, y in batches] == [4, 4, 2] == [len(x) for x, _ in batches]
+    x = torch.cat([b[0] for b in batches])
+    assert torch.equal(x, images.float() / 255), 'pixel / 255, exactly'
+    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
 
 
 @pytest.mark.parametrize('dataset,classes', [('cifar10', 10), ('cifar100', 100)])
 def test_load_cifar_reads_the_pickle_layout(tmp_path, capsys, dataset, classes):
     write_synthetic_cifar(str(tmp_path), dataset, n_train=60, n_test=20, seed=1)
-    x, y = load_cifar(dataset, str(tmp_path), train=True)
-    assert x.shape == (60, 3, 32, 32) and x.dtype == torch.uint8
-    assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < classes
-    x_test, _ = load_cifar(dataset, str(tmp_path), train=False)
-    assert x_test.shape == (20, 3, 32, 32)
+    spec = utils.DATASETS[dataset]
+    for train, names, n in ((True, spec['train_files'], 60), (False, spec['test_files'], 20)):
+        x, y = load_cifar(dataset, str(tmp_path), train=train)
+        assert x.shape == (n, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+        # The files' rows, in file order, each 3072 bytes as 3 planes of 32 rows of 32.
+        batches = [pickle.load(open(os.path.join(tmp_path, spec['folder'], name), 'rb'))
+                   for name in names]
+        data = np.concatenate([b['data'] for b in batches])
+        labels = np.concatenate([b[spec['label_key']] for b in batches])
+        assert torch.equal(y, torch.from_numpy(labels).long())
+        assert len(set(y.tolist())) > 1 and y.max() < classes
+        assert torch.equal(x[:, 1, 2, 3], torch.from_numpy(data[:, 1024 + 2 * 32 + 3]))
+        assert torch.equal(x.reshape(n, -1), torch.from_numpy(data))
     assert 'not the official' in capsys.readouterr().out
 
 

@@ -79,12 +79,18 @@ def test_checkpoint_evaluates(ddp_run, data_dir, tmp_path):
     run_dir, _ = ddp_run
     result, output = run([sys.executable, os.path.join(ROOT, 'test_cifar10.py'), '--model_path',
                           run_dir, '--data-dir', data_dir, '--attacks', 'clean,pgd10',
-                          '--n_ex', '16', '--out_dir', tmp_path / 'eval', '--device', 'cpu'],
+                          '--n_ex', '32', '--out_dir', tmp_path / 'eval', '--device', 'cpu'],
                          tmp_path)
     assert result.returncode == 0, output
     report = json.load(open(tmp_path / 'eval' / 'results.json'))
     assert len(report['results']) == 2
-    assert all(r['attacks']['pgd10']['n'] == 16 for r in report['results'])
+    assert all(r['attacks']['pgd10']['n'] == 32 for r in report['results'])
+    # The two processes' per-epoch evaluation, split and summed, saw the same 32 test images.
+    rows = read_metrics(run_dir)
+    best = max(rows, key=lambda row: float(row['test_pgd_acc']))
+    best_entry, final_entry = report['results']
+    assert best_entry['attacks']['clean']['accuracy'] == float(best['test_clean_acc'])
+    assert final_entry['attacks']['clean']['accuracy'] == float(rows[-1]['test_clean_acc'])
 
 
 def test_resume_needs_the_same_world_size(ddp_run, data_dir, tmp_path):

@@ -64,10 +64,30 @@ ABLATIONS = {
 }
 
 
+# Flags of what an ablation removes: changing them must leave its run bitwise as it was.
+# (which weights to compare, the flags)
+IRRELEVANT = {
+    'fgsm_rs': ('final_model.pth', ['--ema-value', '0.3', '--lamda', '3', '--mixup-alpha', '1']),
+    'no_kl': ('student', ['--ema-value', '0.3']),  # the teacher changes, the student must not
+    'no_consistency': ('final_model.pth', ['--con-reference', 'start']),
+    'constant_tau': ('final_model.pth', ['--gamma', '0.5']),
+}
+
+
+STUDENT_COLUMNS = {'epoch', 'lr', 'train_loss', 'train_acc', 'tau', 'kl_weight', 'alarm_fgsm_acc',
+                   'alarm_pgd_acc'}
+
+
+def weights_of(run_dir, which):
+    path = os.path.join(run_dir, which if which.endswith('.pth') else 'checkpoint.pth')
+    state = torch.load(path, weights_only=True)
+    return state if which.endswith('.pth') else state[which]
+
+
 @pytest.mark.parametrize('name', ABLATIONS)
 def test_ablation_trains_end_to_end(name, data_dir, baseline, tmp_path):
     flags, (key, value), changed_epoch = ABLATIONS[name]
-    run_dir, config, rows = train(data_dir, tmp_path, flags)
+    run_dir, config, rows = train(data_dir, tmp_path / 'run', flags)
     _, base_config, base_rows = baseline
 
     assert config[key] == value and base_config[key] != value
@@ -80,15 +100,32 @@ def test_ablation_trains_end_to_end(name, data_dir, baseline, tmp_path):
     epoch = changed_epoch - 1
     assert rows[epoch]['train_loss'] != base_rows[epoch]['train_loss']
 
+    if name in IRRELEVANT:
+        # The component is gone: the flags that only it reads change nothing.
+        which, extra = IRRELEVANT[name]
+        other_dir, _, other_rows = train(data_dir, tmp_path / 'other', flags + extra)
+        a, b = weights_of(run_dir, which), weights_of(other_dir, which)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # Every column but the times; without KL only the student's (the teacher differs).
+        kept = STUDENT_COLUMNS if name == 'no_kl' else set(rows[0]) - {'seconds', 'eval_seconds'}
+        assert [{k: r[k] for k in kept} for r in rows] == [{k: r[k] for k in kept}
+                                                           for r in other_rows]
+        if name == 'no_kl':
+            assert [r['teacher_updates'] for r in rows] != [r['teacher_updates'] for r in other_rows]
     if name == 'fgsm_rs':
         assert config['alpha'] == 10 and base_config['alpha'] == 8
         assert all(r['teacher_updates'] == 0 for r in rows)
+        assert same_state(weights_of(run_dir, 'student'), weights_of(run_dir, 'final_model.pth'))
     if name == 'no_kl':
         assert [r['kl_weight'] for r in rows] == [0, 0]
     if name == 'constant_tau':
         assert [r['tau'] for r in rows] == [2, 2]
         assert [r['kl_weight'] for r in rows] == [1, 1]
         assert [r['tau'] for r in base_rows] == [2, pytest.approx(1.98)]
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------
@@ -418,6 +455,26 @@ def test_summarize_shows_the_dataset_and_the_architecture(tmp_path, capsys, monk
         ('tiny', 'tinyimagenet', 'resnet18', '(defaults)')]
     assert [(r['AA best'], r['AA final']) for r in rows] == [
         ('30.00%', '-'), ('45.00%', '45.00%'), ('-', '-')]
+
+
+def test_summarize_reads_a_validation_run_and_prefers_the_evaluation_on_more_images(tmp_path,
+                                                                                    capsys):
+    run = write_run(tmp_path, 'val', ['--val-examples', '1000'],
+                    [(60, 0, 0.5, 0.25), (60, 0, 0.6, 0.35), (60, 0, 0.7, 0.30)])
+    # metrics.csv of a --val-examples run names its accuracies val_*.
+    text = (run / 'metrics.csv').read_text().splitlines()
+    text[0] = text[0].replace('test_', 'val_')
+    (run / 'metrics.csv').write_text('\n'.join(text) + '\n')
+    digest = sha256_file(run / 'best_model.pth')
+    write_results(tmp_path / 'results.json', [(run / 'best_model.pth', digest, 0.2)], n=1000)
+    write_results(tmp_path / 'results-2.json', [(run / 'best_model.pth', digest, 0.3)])
+    code, out, err = summarize_in_process(capsys, run, tmp_path / 'results.json',
+                                          tmp_path / 'results-2.json')
+    assert code == 0, err
+    row, = table_rows(out)
+    assert (row['best epoch'], row['best clean'], row['best PGD'], row['final PGD']) == \
+        ('2', '60.00%', '35.00%', '30.00%')
+    assert row['AA best'] == '30.00%', 'the evaluation on 10000 images, not the one on 1000'
 
 
 @pytest.mark.parametrize('problem, message', [

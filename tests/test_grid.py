@@ -113,18 +113,15 @@ def test_the_grid_picture_has_a_panel_per_dataset_and_epsilon(finished_grid):
 def test_rerunning_the_grid_retrains_nothing(finished_grid, data):
     out, _ = finished_grid
     before = model_mtimes(out)
-    start = time.time()
     proc = run_grid(out, data, '--method', 'mixkl', 'fgsm_rs', '--seed', '0', '1', *TINY, *EVAL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert model_mtimes(out) == before
     assert 'train ' not in proc.stdout and 'evaluate ' not in proc.stdout
     assert proc.stdout.count('done ') == 4
-    assert time.time() - start < 60
 
 
 def test_a_grid_given_more_values_adds_runs_and_keeps_the_old(finished_grid, data, tmp_path):
     out, _ = finished_grid
-    before = model_mtimes(out)
     # A configuration with an explicit default is the same run: --epochs 2 is in TINY.
     assert grid.parse(['--dataset', 'cifar10', '--out_dir', str(out), *TINY,
                        '--method', 'mixkl'])[1][0].name in run_dirs_of(out)

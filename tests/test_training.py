@@ -16,7 +16,7 @@ from conftest import load_weights, read_metrics, run_script, same_weights
 from conftest import run_dirs as run_dirs_in
 from preactresnet import PreActResNet18
 from synthetic import write_synthetic_cifar
-from utils import InputError
+from utils import InputError, attack_fgsm, load_cifar, load_model_weights
 
 TINY = ['--train-examples', '256', '--eval-examples', '64', '--batch-size', '64', '--width', '8',
         '--alarm-examples', '32', '--eval-batch-size', '64']
@@ -45,7 +45,7 @@ def finished_run(request, tmp_path_factory):
 
 
 def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_run):
-    dataset, _, run_dir, proc = finished_run
+    dataset, cwd, run_dir, proc = finished_run
     classes = 10 if dataset == 'cifar10' else 100
     assert f'run directory: {run_dir}' in proc.stdout
     assert proc.stdout.strip().endswith(run_dir), 'the run directory is printed at the end'
@@ -58,9 +58,21 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
     assert float(row['tau']) == 2.0 and float(row['kl_weight']) == 1.0
     checkpoint = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
     assert int(row['teacher_updates']) == checkpoint['teacher_updates'], 'one epoch: all of them'
-    assert 0 < float(row['lr']) <= 0.1
-    for column in ('train_acc', 'test_clean_acc', 'test_pgd_acc', 'alarm_fgsm_acc', 'alarm_pgd_acc'):
-        assert 0 <= float(row[column]) <= 1
+    # 4 steps of 64: both multistep milestones (floor(4 * 99/110) = floor(4 * 104/110) = 3) passed.
+    assert float(row['lr']) == pytest.approx(0.1 * 0.1 * 0.1)
+    assert (float(row['train_acc']) * 256).is_integer(), 'a count over the 256 training images'
+    # The accuracies, recomputed from the saved models and the images in the data files.
+    x_test, y_test = load_cifar(dataset, str(cwd / 'data'), train=False, quiet=True)
+    x_train, y_train = load_cifar(dataset, str(cwd / 'data'), train=True, quiet=True)
+    best = load_model_weights(os.path.join(run_dir, 'best_model.pth'), dataset).eval()
+    x, y = x_test[:64].float() / 255, y_test[:64]
+    with torch.no_grad():
+        assert float(row['test_clean_acc']) == (best(x).argmax(1) == y).float().mean().item()
+    student = PreActResNet18(classes, width=8).eval()
+    student.load_state_dict(load_weights(os.path.join(run_dir, 'checkpoint.pth'))['student'])
+    x, y = x_train[:32].float() / 255, y_train[:32]
+    fgsm = student(x + attack_fgsm(student, x, y, 8 / 255)).argmax(1) == y
+    assert float(row['alarm_fgsm_acc']) == fgsm.float().mean().item()
     assert float(row['test_pgd_acc']) <= float(row['test_clean_acc'])
     assert float(row['train_loss']) > 0 and float(row['seconds']) > 0
     config = json.load(open(os.path.join(run_dir, 'config.json')))

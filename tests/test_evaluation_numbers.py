@@ -1,0 +1,311 @@
+"""The evaluation's numbers pinned down: known answers, what ran, eval mode, forward passes.
+
+Linear models on [0, 1] inputs have a computable L-inf worst case: for classes y
+and j the margin z_y - z_j can fall by at most eps * ||w_y - w_j||_1, and PGD on
+a two-class linear model moves every pixel by alpha towards that corner at each
+step. So the number each attack should report is known exactly, and so is the
+number of forward passes PGD needs when broken examples stop being attacked.
+The models are run through ``evaluate.evaluate_checkpoint`` (what the test
+scripts call) with flags parsed by the scripts' own parser.
+"""
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+import models
+from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
+from utils import attack_fgsm, attack_pgd
+
+EPS = 8 / 255
+PGD_NAMES = ['pgd10', 'pgd20', 'pgd50', 'cw20']
+ITERATIONS = {'pgd10': 10, 'pgd20': 20, 'pgd50': 50, 'cw20': 20}
+
+
+def eval_args(*flags):
+    """The test scripts' flags as their parser makes them (every default included)."""
+    return evaluate.build_parser('cifar10').parse_args(
+        ['--model_path', 'unused.pth', *map(str, flags)])
+
+
+class Probe(nn.Module):
+    """A model that fails any forward in train mode and records the rows of each forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.rows = []
+
+    def forward(self, x):
+        assert not self.training, 'an attack ran the model in train mode'
+        self.rows.append(len(x))
+        return self.inner(x)
+
+
+def linear(weight, bias):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(weight.shape[1], weight.shape[0]))
+    with torch.no_grad():
+        model[1].weight.copy_(weight)
+        model[1].bias.copy_(bias)
+    return model
+
+
+def random_linear_problem(classes=2, n=400, seed=0):
+    """A random linear model and points in [0.1, 0.9] (the box never binds at eps 8/255)."""
+    g = torch.Generator().manual_seed(seed)
+    model = linear(torch.randn(classes, 48, generator=g) * 0.1, torch.zeros(classes))
+    X = 0.1 + 0.8 * torch.rand(n, 3, 4, 4, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model.eval(), X, y
+
+
+def exact_robust(model, X, y, eps):
+    """Which points keep their class everywhere in the eps-ball (any number of classes)."""
+    w, b = model[1].weight, model[1].bias
+    z = X.flatten(1) @ w.T + b
+    margins = z.gather(1, y[:, None]) - z                       # z_y - z_j
+    reach = eps * (w[y][:, None, :] - w[None, :, :]).abs().sum(2)  # eps * ||w_y - w_j||_1
+    others = torch.ones_like(margins, dtype=torch.bool).scatter(1, y[:, None], False)
+    return ((margins > reach) | ~others).all(1)
+
+
+def split_problem(n=8, robust=4, seed=0):
+    """Two classes, label 0 everywhere: ``robust`` points keep it anywhere in the 8/255 ball,
+    the others are misclassified anywhere in it (their margin is 0.1 * ||w_0 - w_1||_1,
+    more than three times what the ball can move it)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(2, 48, generator=g) * 0.1
+    diff = weight[0] - weight[1]
+    bias = torch.tensor([-0.5 * diff.sum().item(), 0.0])
+    side = torch.tensor([1.0] * robust + [-1.0] * (n - robust))
+    X = (0.5 + 0.1 * side[:, None] * diff.sign()).view(n, 3, 4, 4)
+    return linear(weight, bias).eval(), X, torch.zeros(n, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------
+# Known answers
+
+def test_every_pgd_attack_reaches_the_exact_worst_case_of_a_two_class_linear_model():
+    model, X, y = random_linear_problem()
+    exact = exact_robust(model, X, y, EPS).sum().item()
+    clean = (model(X).argmax(1) == y).sum().item()
+    assert 40 < exact < clean - 40, 'the problem separates clean and robust accuracy'
+    # 10 steps of 2/255 cross the whole ball (16/255) from any start: every attack lands
+    # on the worst-case corner.
+    # In batches of 7: the counts of the 58 batches add up.
+    args = eval_args('--alpha', 2, '--batch_size', 7, '--attacks', 'clean,' + ','.join(PGD_NAMES))
+    results = evaluate.evaluate_checkpoint(model, X, y, args, 'unused')
+    assert results['clean']['correct'] == clean
+    assert {name: results[name]['correct'] for name in PGD_NAMES} == dict.fromkeys(PGD_NAMES, exact)
+
+
+def test_only_enough_iterations_of_a_small_step_reach_the_worst_case():
+    """Step 0.4/255: 50 steps cross the ball (20/255 >= 16/255), 20 steps (8/255) cannot."""
+    model, X, y = random_linear_problem(seed=1)
+    exact = exact_robust(model, X, y, EPS).sum().item()
+    results = evaluate.evaluate_checkpoint(model, X, y, eval_args(
+        '--alpha', 0.4, '--attacks', 'pgd10,pgd20,pgd50'), 'unused')
+    pgd10, pgd20, pgd50 = (results[name]['correct'] for name in ('pgd10', 'pgd20', 'pgd50'))
+    assert pgd50 == exact
+    assert pgd10 > pgd20 > pgd50, 'fewer steps of 0.4/255 stop short of the corner'
+
+
+def test_autoattack_finds_the_exact_worst_case_of_a_ten_class_linear_model(tmp_path):
+    model, X, y = random_linear_problem(classes=10, n=16, seed=3)
+    # Labels: the model's own predictions, so every point starts correct.
+    y = model(X).argmax(1)
+    exact = exact_robust(model, X, y, EPS).sum().item()
+    assert 0 < exact < 16
+    results = evaluate.evaluate_checkpoint(model, X, y, eval_args('--attacks', 'aa',
+                                                                  '--batch_size', 16),
+                                           str(tmp_path / 'linear'))
+    assert results['aa']['correct'] == exact
+    # At half the radius more points survive: the radius AutoAttack used is the flag's.
+    assert exact_robust(model, X, y, EPS / 2).sum().item() > exact
+
+
+def test_fgsm_steps_epsilon_along_the_gradient_sign_from_the_image_itself():
+    """The overfitting alarm's attack: no random start, one step of eps, inside the box."""
+    model, X, y = random_linear_problem(n=64, seed=2)
+    X[:4], X[4:8] = 0.0, 1.0  # on the box's faces the step is cut to stay in [0, 1]
+    w = model[1].weight.detach()
+    ascent = torch.where(y[:, None] == 0, w[1] - w[0], w[0] - w[1]).sign().view(-1, 3, 4, 4)
+    expected = torch.max(torch.min(EPS * ascent, 1 - X), -X)
+    assert torch.equal(attack_fgsm(model, X, y, EPS), expected)
+    assert (expected[:8] == 0).any() and (expected[8:].abs() == EPS).all()
+
+
+def restart_outcomes(model, X, y, alpha, iters, restarts, seed):
+    """Per restart: (fooled, final loss) of single-restart PGD runs on one random stream,
+    the stream a ``restarts``-restart attack draws its starts from."""
+    torch.manual_seed(seed)
+    outcomes = []
+    for _ in range(restarts):
+        delta = attack_pgd(model, X, y, EPS, alpha, iters, 1)
+        with torch.no_grad():
+            logits = model(X + delta)
+        outcomes.append((logits.argmax(1) != y, F.cross_entropy(logits, y, reduction='none')))
+    return outcomes
+
+
+def test_an_example_broken_by_any_restart_counts_as_broken():
+    """Not the restart with the highest loss: with three or more classes that one can be a
+    restart that left the example correct, while another broke it."""
+    model, X, y = random_linear_problem(classes=3, n=300, seed=5)
+    args = eval_args('--alpha', 0.2, '--attacks', 'pgd10', '--restarts', 4, '--seed', 7)
+    result = evaluate.evaluate_checkpoint(model, X, y, args, 'unused')['pgd10']
+
+    outcomes = restart_outcomes(model, X, y, 0.2 / 255, 10, 4, seed=7)
+    broken_by_any = torch.stack([fooled for fooled, _ in outcomes]).any(0)
+    assert result['correct'] == (~broken_by_any).sum().item()
+    # The problem tells the rules apart: keeping the highest-loss restart would count
+    # more examples as robust, and one restart alone breaks fewer.
+    losses = torch.stack([loss for _, loss in outcomes])
+    fooled = torch.stack([fooled for fooled, _ in outcomes])
+    by_loss = fooled.gather(0, losses.argmax(0)[None])[0]
+    assert (~by_loss).sum() > (~broken_by_any).sum()
+    assert (~outcomes[0][0]).sum() > (~broken_by_any).sum()
+
+
+# ---------------------------------------------------------------------------
+# What each attack ran with, recorded and used
+
+def forward_rows(model, X, y, name, *flags):
+    """The rows of each forward pass one attack makes, through evaluate_checkpoint."""
+    probe = Probe(model)
+    evaluate.evaluate_checkpoint(probe, X, y, eval_args('--attacks', name, *flags), 'unused')
+    return probe.rows
+
+
+def test_pgd_forwards_only_the_examples_it_has_not_broken_yet():
+    """Half the points are broken from the start: after the first step only the other half
+    is forwarded. Per restart: 1 forward of all 8, k - 1 of the 4 left, 1 final of all 8;
+    then evaluate_batches' forward of the result. A deterministic speed guard."""
+    model, X, y = split_problem(n=8, robust=4)
+    for name, k in ITERATIONS.items():
+        for restarts in (1, 3):
+            rows = forward_rows(model, X, y, name, '--restarts', restarts, '--alpha', 2)
+            assert rows == ([8] + [4] * (k - 1) + [8]) * restarts + [8], (name, restarts)
+    assert forward_rows(model, X, y, 'clean') == [8]
+
+
+def test_pgd_stops_at_once_when_every_example_is_broken():
+    model, X, y = split_problem(n=8, robust=0)
+    for name in ITERATIONS:
+        assert forward_rows(model, X, y, name, '--restarts', 2) == [8, 8, 8, 8, 8], name
+
+
+# ---------------------------------------------------------------------------
+# Eval mode and the order of the attacks
+
+def test_every_attack_sees_the_model_in_eval_mode_and_the_order_changes_no_number(tmp_path):
+    """The model arrives in train mode; AutoAttack, first in one order, must not see it so.
+    Small steps leave the PGD numbers dependent on their random starts, so an attack that
+    drew from the random stream another one left behind would get other numbers."""
+    model, X, y = random_linear_problem(classes=10, n=16, seed=3)
+    y = model(X).argmax(1)
+    orders = [['aa', 'cw20', 'pgd50', 'pgd20', 'pgd10', 'clean'],
+              ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa']]
+    flags = ['--epsilon', 6, '--alpha', 0.1, '--restarts', 2, '--batch_size', 16]
+    runs = []
+    for order in orders:
+        probe = Probe(model).train()
+        args = eval_args(*flags, '--attacks', ','.join(order))
+        runs.append(evaluate.evaluate_checkpoint(probe, X, y, args, str(tmp_path / 'linear')))
+    numbers = [{name: results[name]['correct'] for name in orders[1]} for results in runs]
+    assert numbers[0] == numbers[1]
+    # Another seed gives other starts and, with these small steps, other numbers.
+    other = evaluate.evaluate_checkpoint(Probe(model), X, y, eval_args(
+        *flags, '--attacks', 'pgd10,pgd20', '--seed', 1), 'unused')
+    assert {n: other[n]['correct'] for n in ('pgd10', 'pgd20')} != \
+        {n: numbers[0][n] for n in ('pgd10', 'pgd20')}
+    check_recorded_settings(runs[0])
+
+
+def check_recorded_settings(results):
+    """results.json's entries say what each attack ran with: radius 6/255, step 0.1/255,
+    2 restarts, the iterations its name says; AutoAttack's standard settings."""
+    recorded = ['epsilon', 'epsilon_255', 'iterations', 'step_size', 'step_size_255', 'restarts']
+    assert {k: results['clean'][k] for k in recorded} == dict.fromkeys(recorded, 0)
+    for name in PGD_NAMES:
+        assert {k: results[name][k] for k in recorded + ['loss']} == dict(
+            epsilon=6 / 255, epsilon_255=6, iterations=ITERATIONS[name], step_size=0.1 / 255,
+            step_size_255=0.1, restarts=2, loss='cw' if name == 'cw20' else 'ce')
+    aa = results['aa']
+    assert aa['epsilon'] == 6 / 255 and aa['epsilon_255'] == 6 and aa['version'] == 'standard'
+    assert aa['components'] == {
+        'apgd-ce': dict(iterations=100, restarts=1, epsilon=6 / 255),
+        'apgd-t': dict(iterations=100, restarts=1, target_classes=9, epsilon=6 / 255),
+        'fab-t': dict(iterations=100, restarts=1, target_classes=9, epsilon=6 / 255),
+        'square': dict(queries=5000, restarts=1, epsilon=6 / 255)}
+    assert 0 < aa['max_perturbation'] <= 6 / 255 + 1e-6
+    for name, result in results.items():
+        assert result['n'] == 16 and result['accuracy'] == result['correct'] / 16, name
+
+
+# ---------------------------------------------------------------------------
+# Pixels: from the file on disk to the tensor the attacked model receives
+
+def model_inputs_of(run):
+    """The input of every forward of a whole network (a model built by models.build_model)
+    while ``run()`` runs."""
+    inputs = []
+
+    def record(module, args):
+        if type(module).__name__ in ('PreActResNet', 'ResNet', 'WideResNet'):
+            inputs.append(args[0].detach().clone())
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return inputs
+
+
+def evaluate_clean(dataset, checkpoint, data_dir, out_dir, n):
+    """The evaluation script's main for ``dataset``, clean accuracy of the first n images."""
+    try:
+        evaluate.main(dataset, ['--model_path', str(checkpoint), '--data-dir', str(data_dir),
+                                '--out_dir', str(out_dir), '--n_ex', str(n), '--attacks', 'clean',
+                                '--device', 'cpu'])
+    except SystemExit as exit:
+        assert exit.code in (0, None)
+
+
+def test_cifar_pixels_reach_the_model_as_the_file_bytes_over_255(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=10, n_test=12)
+    path = tmp_path / 'data' / 'cifar-10-batches-py' / 'test_batch'
+    batch = pickle.load(open(path, 'rb'))
+    batch['data'][0, :3] = [0, 255, 128]  # the extremes and a middle value, in the red plane
+    pickle.dump(batch, open(path, 'wb'), protocol=2)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'model.pth'
+    torch.save(models.build_model('preactresnet18', 10, 4).state_dict(), checkpoint)
+
+    inputs = model_inputs_of(lambda: evaluate_clean('cifar10', checkpoint, tmp_path / 'data',
+                                                    tmp_path / 'out', 8))
+    expected = torch.from_numpy(batch['data'][:8]).float().view(8, 3, 32, 32) / 255
+    assert len(inputs) == 1 and torch.equal(inputs[0], expected)
+    assert torch.equal(inputs[0][0, 0, 0, :3], torch.tensor([0.0, 255.0, 128.0]) / 255)
+
+
+def test_tiny_imagenet_pixels_reach_the_model_as_the_decoded_jpeg_over_255(tmp_path):
+    data = write_synthetic_tiny_imagenet(str(tmp_path / 'data'), num_classes=3, per_class=2,
+                                         n_val=5)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'model.pth'
+    torch.save(models.build_model('preactresnet18', 200, 4, 64).state_dict(), checkpoint)
+
+    inputs = model_inputs_of(lambda: evaluate_clean('tinyimagenet', checkpoint, data,
+                                                    tmp_path / 'out', 5))
+    folder = os.path.join(data, 'tiny-imagenet-200', 'val', 'images')
+    expected = []
+    for name in sorted(os.listdir(folder)):
+        with Image.open(os.path.join(folder, name)) as image:
+            expected.append(torch.from_numpy(np.array(image.convert('RGB'))).permute(2, 0, 1))
+    assert len(inputs) == 1 and torch.equal(inputs[0], torch.stack(expected).float() / 255)
