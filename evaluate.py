@@ -411,12 +411,18 @@ def numbered_suffix(results_path):
     return os.path.splitext(os.path.basename(results_path))[0][len('results'):]
 
 
-def main(dataset, argv=None):
-    """Evaluate; bad input is one `error:` line and status 2, a failed write one and status 1."""
-    start_script()
+def parse_args(dataset, argv=None):
+    """The test script's flags; --alpha, when not given, follows --epsilon (eps/4)."""
     args = build_parser(dataset).parse_args(argv)
     if args.alpha is None:
         args.alpha = default_eval_alpha(args.epsilon)
+    return args
+
+
+def main(dataset, argv=None):
+    """Evaluate; bad input is one `error:` line and status 2, a failed write one and status 1."""
+    start_script()
+    args = parse_args(dataset, argv)
     code = exit_status(lambda: run(dataset, args))
     if code:
         sys.exit(code)

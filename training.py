@@ -497,7 +497,7 @@ class Trainer:
                  f'tau {tau:.4f}  teacher updates {row["teacher_updates"]}  '
                  f'{split} clean {clean:.4f}  PGD-{a.pgd_iters} {pgd:.4f}')
         if runs.overfitting_alarm([r['alarm_fgsm_acc'] for r in self.history],
-                             [r['alarm_pgd_acc'] for r in self.history]):
+                                  [r['alarm_pgd_acc'] for r in self.history]):
             self.log('WARNING: ' + overfitting_warning(
                 f'{len(self.alarm_batch[1])} training images', alarm_fgsm, alarm_pgd,
                 best_pgd=max(r['alarm_pgd_acc'] for r in self.history)))

@@ -303,7 +303,7 @@ def test_the_training_alarm_and_the_evaluation_check_say_the_same_words():
 
 def test_the_training_alarm_logs_the_shared_words(tmp_path, monkeypatch):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
-    monkeypatch.setattr(training, 'overfitting_alarm', lambda fgsm, pgd: True)
+    monkeypatch.setattr(runs, 'overfitting_alarm', lambda fgsm, pgd: True)
     with pytest.raises(SystemExit) as exit_info:
         training.main('cifar10', ['--data-dir', str(tmp_path / 'data'), '--out_dir',
                                   str(tmp_path / 'output'), '--epochs', '1', '--batch-size',

@@ -235,15 +235,17 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     assert checkpoint['epoch'] == 0 and 0 <= checkpoint['step'] < 32
 
 
-@pytest.mark.parametrize('lr_max, epoch, kept', [('1000', 1, []),
-                                                  ('300', 2, ['checkpoint.pth', 'best_model.pth'])])
-def test_a_diverged_run_stops_with_status_1_and_saves_no_diverged_weights(tmp_path, lr_max, epoch,
-                                                                          kept):
+@pytest.mark.parametrize('too_much, epoch, kept', [
+    (['--lamda', '1e6'], 1, []),  # a non-finite loss at the second step
+    ([], 2, ['checkpoint.pth', 'best_model.pth']),  # weights past the limit in epoch 2
+])
+def test_a_diverged_run_stops_with_status_1_and_saves_no_diverged_weights(tmp_path, too_much,
+                                                                          epoch, kept):
     """Diverged: a non-finite loss, or a weight not finite or beyond training.WEIGHT_LIMIT."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=64, n_test=16, seed=5)
-    proc = train('cifar10', tmp_path, '--epochs', '12', '--lr-max', lr_max, '--train-examples', '64',
-                 '--batch-size', '32', '--width', '8', '--alarm-examples', '16',
-                 '--eval-examples', '16')
+    proc = train('cifar10', tmp_path, '--epochs', '12', '--lr-max', '10', *too_much,
+                 '--train-examples', '64', '--batch-size', '32', '--width', '8',
+                 '--alarm-examples', '16', '--eval-examples', '16')
     assert proc.returncode == 1, proc.stderr
     run_dir = run_dirs(tmp_path)[0]
     message = proc.stdout.strip().splitlines()[-1]

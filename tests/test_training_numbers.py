@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import mixkl
+import runs
 import summarize
 import training
 from conftest import load_weights, run_script, same_weights, the_run_dir
@@ -212,7 +213,7 @@ def test_the_first_epoch_reaching_the_best_pgd_accuracy_gives_best_model(tmp_pat
     assert same_weights(os.path.join(run_dir, 'best_model.pth'), evaluated[1])
     assert not same_weights(evaluated[1], evaluated[2])
     assert same_weights(os.path.join(run_dir, 'final_model.pth'), evaluated[2])
-    row = dict(zip(summarize.HEADER, summarize.summarize_run(run_dir, [])))
+    row = dict(zip(summarize.HEADER, summarize.summary_row(runs.read_run(run_dir, []))))
     assert (row['best epoch'], row['best PGD'], row['final clean']) == ('2', '30.00%', '70.00%')
 
 
