@@ -357,7 +357,10 @@ def first_test_images(data_dir, dataset, n):
 ])
 def test_evaluation_scripts_write_results_json(tmp_path, dataset, classes, attacks):
     write_synthetic_cifar(str(tmp_path / 'data'), dataset, n_train=10, n_test=40)
-    torch.manual_seed(0)
+    # An untrained network answers nearly one class; with this seed the CIFAR-10 one gets an
+    # image right that PGD breaks, so AutoAttack's first attack breaks it too and the rest
+    # have nothing left to attack (seconds, not a minute of FAB and Square).
+    torch.manual_seed(19)
     model = PreActResNet18(classes, width=8).eval()
     checkpoint = save(model.state_dict(), tmp_path / 'best_model.pth')
     script = 'test_cifar10.py' if dataset == 'cifar10' else 'test_cifar100.py'

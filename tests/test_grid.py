@@ -20,6 +20,9 @@ from synthetic import write_synthetic_cifar
 TINY = ['--epochs', '2', '--train-examples', '64', '--eval-examples', '32', '--batch-size', '32',
         '--width', '8', '--alarm-examples', '16', '--eval-batch-size', '32', '--pgd-iters', '2']
 EVAL = ['--attacks', 'clean,pgd10', '--n_ex', '32', '--batch_size', '32']
+# The checks run in the first grid (its table counts their warnings); the other grids
+# skip them.
+FAST_EVAL = [*EVAL, '--no-checks']
 
 
 @pytest.fixture(scope='module')
@@ -70,7 +73,7 @@ def test_a_grid_trains_evaluates_and_tabulates_mean_and_std_over_seeds(finished_
     assert 'seed' not in rows[0], 'one row per configuration: the seeds are averaged'
     # Each cell recomputed from the runs' own results.json files.
     for row in rows:
-        accuracies = {}
+        accuracies, warned = {}, 0
         for run_dir in run_dirs_of(out).values():
             config = json.load(open(os.path.join(run_dir, 'config.json')))
             if config['method'] != row['method']:
@@ -81,7 +84,9 @@ def test_a_grid_trains_evaluates_and_tabulates_mean_and_std_over_seeds(finished_
                 key = 'best' if entry['checkpoint'].endswith(runs.BEST) else 'final'
                 for attack, result in entry['attacks'].items():
                     accuracies.setdefault((key, attack), []).append(result['accuracy'])
-        assert row['seeds'] == '2'
+                assert len(entry['checks']) >= 6, 'the test script checked each model'
+                warned += sum(check['verdict'] == 'warn' for check in entry['checks'])
+        assert row['seeds'] == '2' and row['checks_warned'] == str(warned)
         for (key, attack), values in accuracies.items():
             assert len(values) == 2
             assert float(row[f'{key}_{attack}_mean']) == pytest.approx(statistics.mean(values))
@@ -131,7 +136,7 @@ def test_a_grid_given_more_values_adds_runs_and_keeps_the_old(finished_grid, dat
 
 def test_parallel_runs_end_as_one_at_a_time(finished_grid, data, tmp_path):
     out, _ = finished_grid
-    proc = run_grid(tmp_path, data, '--method', 'fgsm_rs', '--seed', '0', '1', *TINY, *EVAL,
+    proc = run_grid(tmp_path, data, '--method', 'fgsm_rs', '--seed', '0', '1', *TINY, *FAST_EVAL,
                     '--parallel', '2')
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sequential, parallel = run_dirs_of(out), run_dirs_of(tmp_path)
@@ -142,7 +147,7 @@ def test_parallel_runs_end_as_one_at_a_time(finished_grid, data, tmp_path):
 
 
 def test_a_killed_grid_stops_its_run_and_the_rerun_resumes_it_bitwise(data, tmp_path):
-    argv = ['--method', 'fgsm_rs', '--seed', '3', *TINY[:1], '10', *TINY[2:], *EVAL]
+    argv = ['--method', 'fgsm_rs', '--seed', '3', *TINY[:1], '6', *TINY[2:], *FAST_EVAL]
     grid_proc = run_grid(tmp_path / 'grid', data, *argv, wait=False)
     # Wait for the first checkpoint, then kill -9 the grid in the middle of the run.
     deadline = time.time() + 300
@@ -164,14 +169,14 @@ def test_a_killed_grid_stops_its_run_and_the_rerun_resumes_it_bitwise(data, tmp_
         time.sleep(0.2)
     assert not runs.in_use(run_dir)
     stopped_at = load_weights(os.path.join(run_dir, runs.CHECKPOINT))['epoch']
-    assert stopped_at < 10
+    assert stopped_at < 6
     proc = run_grid(tmp_path / 'grid', data, *argv)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'resume ' in proc.stdout
     # The same flags, trained in one go by the training script itself.
     alone = subprocess.run([sys.executable, os.path.join(ROOT, 'MIX_KL_CIFAR10.py'),
                             '--out_dir', str(tmp_path / 'alone'), '--data-dir', data,
-                            '--method', 'fgsm_rs', '--seed', '3', '--epochs', '10', *TINY[2:]],
+                            '--method', 'fgsm_rs', '--seed', '3', '--epochs', '6', *TINY[2:]],
                            capture_output=True, text=True, env=dict(os.environ,
                                                                     OMP_NUM_THREADS='1'))
     assert alone.returncode == 0, alone.stderr
@@ -229,7 +234,7 @@ def test_a_slurm_job_that_reaches_its_time_limit_is_requeued_and_finishes(data, 
     pytest.importorskip('submitit')
     out = tmp_path / 'grid'
     proc = run_grid(out, data, '--slurm', 'local', '--time-min', '10', '--signal-delay-s', '60',
-                    '--method', 'fgsm_rs', *TINY[:1], '12', *TINY[2:], *EVAL, wait=False)
+                    '--method', 'fgsm_rs', *TINY[:1], '12', *TINY[2:], *FAST_EVAL, wait=False)
     deadline, run_dir = time.time() + 300, None
     while run_dir is None and time.time() < deadline and proc.poll() is None:
         found = [d for d in run_dirs_of(out).values() if d] if os.path.isdir(out / 'runs') else []
