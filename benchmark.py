@@ -40,9 +40,9 @@ from torchvision import transforms
 import bf16_check
 import mixkl
 import training
-from cli import (HelpFormatter, cuda_default, device_flag, enable_fast_cuda, exit_status,
-                 number_in_range, positive_int, print_header, resolve_device, seed_int,
-                 start_script)
+from cli import (MAX_SYNTHETIC_IMAGES, HelpFormatter, cuda_default, device_flag,
+                 enable_fast_cuda, exit_status, image_count, network_width, number_in_range,
+                 positive_int, print_header, resolve_device, seed_int, start_script)
 from synthetic import write_synthetic_cifar
 from models import ARCHS
 from utils import CifarLoader, clamp, cudnn_autotuning, evaluate_batches, load_cifar, pgd_attack
@@ -58,14 +58,14 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=positive_int, default=50, help='timed steps per path')
     p.add_argument('--warmup', type=number_in_range(int, 0), default=5, help='untimed steps before the timed ones')
     p.add_argument('--batch-size', type=positive_int, default=128)
-    p.add_argument('--eval-images', type=positive_int, default=1024,
+    p.add_argument('--eval-images', type=image_count, default=1024,
                    help='test images attacked with PGD-10')
     p.add_argument('--eval-batch-size', type=positive_int, default=512)
     p.add_argument('--arch', choices=list(ARCHS), default='preactresnet18')
     p.add_argument('--method', choices=list(mixkl.STEPS), default='mixkl',
                    help='the project path\'s step; the reference path is MIX-KL\'s and runs '
                         'only with mixkl')
-    p.add_argument('--width', type=positive_int, default=None,
+    p.add_argument('--width', type=network_width, default=None,
                    help='the architecture\'s width (default: its own, 64 or 10)')
     p.add_argument('--device', type=device_flag,
                    help='cuda, cuda:1, cpu ... (default: cuda when present)')
@@ -82,6 +82,10 @@ def parse_args(argv=None):
                         'refused')
     args = p.parse_args(argv)
     args.width = args.width or ARCHS[args.arch].default_width
+    if (args.warmup + args.steps) * args.batch_size > MAX_SYNTHETIC_IMAGES:
+        p.error(f'--warmup {args.warmup} and --steps {args.steps} of --batch-size '
+                f'{args.batch_size} would need more than {MAX_SYNTHETIC_IMAGES:,} synthetic '
+                'training images')
     return args
 
 

@@ -21,8 +21,9 @@ import tempfile
 import time
 
 import training
-from cli import (HelpFormatter, device_flag, exit_status, number_in_range, positive_int,
-                 print_header, resolve_device, seed_int, start_script)
+from cli import (HelpFormatter, device_flag, exit_status, image_count, network_width,
+                 number_in_range, positive_int, print_header, resolve_device, seed_int,
+                 start_script)
 from synthetic import write_synthetic_cifar
 from utils import evaluate_robustness
 
@@ -40,10 +41,10 @@ def parse_args(argv=None, prog=None):
                    type=number_in_range(float, 0, 10, low_open=True),
                    help="the runs' --lr-max: at the method's 0.1 some runs on this small set "
                         'collapse to a few classes, whatever the precision (BENCHMARKS.md)')
-    p.add_argument('--width', '--check-width', type=positive_int, default=16,
+    p.add_argument('--width', '--check-width', type=network_width, default=16,
                    help='PreActResNet-18 base width')
-    p.add_argument('--train-images', '--check-train-images', type=positive_int, default=2048)
-    p.add_argument('--eval-images', type=positive_int, default=1024)
+    p.add_argument('--train-images', '--check-train-images', type=image_count, default=2048)
+    p.add_argument('--eval-images', type=image_count, default=1024)
     p.add_argument('--batch-size', type=positive_int, default=128)
     p.add_argument('--eval-batch-size', type=positive_int, default=512)
     # The check trains on synthetic data in the CIFAR layout; Tiny-ImageNet is not offered.

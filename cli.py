@@ -46,6 +46,12 @@ nonnegative = number_in_range(float, 0)
 pixel_units = number_in_range(float, 0, 255)
 # Seeds reach numpy's RNG, which takes 0 .. 2^32 - 1; the trainer adds the rank and epochs.
 seed_int = number_in_range(int, 0, 2 ** 31 - 1)
+# --width: a ResNet's base width (64 by default) or the WideResNet's widen factor (10). Past
+# 1024 (16 times the widest ResNet-18 published) no machine holds the model.
+network_width = number_in_range(int, 1, 1024)
+# How many synthetic images the benchmarks write: 1,000,000 is twenty CIFAR training sets.
+MAX_SYNTHETIC_IMAGES = 1_000_000
+image_count = number_in_range(int, 1, MAX_SYNTHETIC_IMAGES)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -83,6 +89,18 @@ def check_device(name):
         raise InputError(f'--device {name}: this machine has {count} GPU(s), '
                          f'cuda:0 to cuda:{count - 1}')
     return device
+
+
+def device_name(text):
+    """An argparse type: a device name torch parses, of a type the scripts run on (cpu, cuda),
+    not checked against this machine's GPUs (grid.py's runs may execute on other machines)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f'not a device name ({one_line(e, 120)})')
+    if device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'the scripts run on cpu or cuda, not {device.type}')
+    return text
 
 
 def device_flag(text):
@@ -137,6 +155,12 @@ def start_script():
 _exit_state = {'registered': False, 'reported': False}
 
 
+def print_error(message, prefix=''):
+    """``prefix`` + 'error: ' + ``message`` as one line on stderr, whatever the message holds
+    (a path may hold a newline): what a script says when it stops."""
+    print(f'{prefix}error: ' + ' '.join(str(message).split()), file=sys.stderr, flush=True)
+
+
 def failed_write(error, where=None):
     """Report an OSError of a write in one `error:` line on stderr; returns the status, 1.
 
@@ -149,7 +173,7 @@ def failed_write(error, where=None):
         line = f'{error.filename}: {what}; nothing was left half-written'
     else:
         line = what
-    print(f'error: {line}', file=sys.stderr, flush=True)
+    print_error(line)
     _exit_state['reported'] = True
     return 1
 
@@ -180,7 +204,7 @@ def exit_status(body):
     try:
         status = body()
     except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print_error(e)
         return 2
     except OSError as e:
         return failed_write(e)

@@ -24,8 +24,8 @@ import checks
 from flags import default_eval_alpha
 from models import ARCHS
 from progress import progress
-from cli import (HelpFormatter, device_flag, exit_status, pixel_units, positive_int,
-                 resolve_device, seed_int, start_script)
+from cli import (HelpFormatter, device_flag, exit_status, network_width, pixel_units,
+                 positive_int, resolve_device, seed_int, start_script)
 from data import load_dataset
 from utils import (DATASETS, InputError, NonFiniteLogits, atomic_write_text, check_writable_dir,
                    create_new_text_file, evaluate_batches, load_model_weights,
@@ -69,7 +69,7 @@ def build_parser(dataset):
     p.add_argument('--batch_size', '--batch-size', type=positive_int, default=500)
     p.add_argument('--arch', choices=list(ARCHS), default=None,
                    help='the architecture (default: read from the checkpoint)')
-    p.add_argument('--width', type=positive_int, default=None,
+    p.add_argument('--width', type=network_width, default=None,
                    help='the width, to check it (default: read from the checkpoint)')
     p.add_argument('--attacks', type=attack_list, default=list(ATTACKS),
                    help=f'comma list from {",".join(ATTACKS)}')

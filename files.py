@@ -13,12 +13,13 @@ import hashlib
 import itertools
 import os
 import re
+import stat
 import tempfile
 
 import numpy as np
 import torch
 
-from base import InputError
+from base import InputError, one_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -125,8 +126,19 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_write_array(path, array):
-    """np.save (no pickles) through a temporary file: a reader never sees half an array."""
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    """np.save (no pickles) through a temporary file: a reader never sees half an array.
+
+    The bytes go through Python's file writes, not numpy's C ``tofile``, whose failed
+    write (a full disk, ``ulimit -f``) is an OSError without its errno.
+    """
+    _atomic_write(path, lambda f: np.save(_PythonWrites(f), array, allow_pickle=False))
+
+
+class _PythonWrites:
+    """A file seen only through ``write``: numpy then writes through it, not to the fd."""
+
+    def __init__(self, f):
+        self.write = f.write
 
 
 def atomic_write_text(path, text):
@@ -255,9 +267,20 @@ def sha256_file(path):
 
 
 def read_file(path):
-    """The bytes of ``path``; an OSError (permissions, I/O) becomes a one-line InputError."""
+    """The bytes of the regular file ``path``; anything else is a one-line InputError.
+
+    An OSError (missing, permissions, I/O) is reported, and so is a FIFO, a device or
+    a directory where a file belongs: opened without blocking and refused before any
+    read, since reading a FIFO nobody writes to would wait forever.
+    """
     try:
-        with open(path, 'rb') as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise InputError(f'{path}: cannot be read ({e.strerror or e})')
+        raise InputError(f'{one_line(path)}: cannot be read ({e.strerror or e})')
+    with os.fdopen(fd, 'rb') as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f'{one_line(path)}: not a regular file')
+        try:
+            return f.read()
+        except OSError as e:
+            raise InputError(f'{one_line(path)}: cannot be read ({e.strerror or e})')

@@ -8,11 +8,11 @@ resumed run keeps the values recorded in its checkpoint.
 """
 import argparse
 
-from cli import (HelpFormatter, cuda_default, device_flag, nonnegative, number_in_range,
-                 pixel_units, positive_int, seed_int)
+from cli import (HelpFormatter, cuda_default, device_flag, network_width, nonnegative,
+                 number_in_range, pixel_units, positive_int, seed_int)
 from mixkl import STEPS
 from models import ARCHS
-from utils import DATASETS, InputError
+from utils import DATASETS, InputError, one_line
 
 # ---------------------------------------------------------------------------
 # Defaults that are not plain values
@@ -140,7 +140,7 @@ def build_parser(dataset):
 
     r = p.add_argument_group('machine')
     r.add_argument('--seed', type=seed_int, default=0)
-    r.add_argument('--width', type=positive_int, default=None,
+    r.add_argument('--width', type=network_width, default=None,
                    help='base width of the ResNets (default 64), widen factor of the '
                         'WideResNet (default 10)')
     r.add_argument('--device', type=device_flag,
@@ -179,6 +179,37 @@ def parse_args(dataset, argv=None, strict=False):
     args.dataset = dataset
     parser.given_flags = given_flags(dataset, argv)
     return args, parser
+
+
+def config_problems(config):
+    """The flags in a config.json whose values the parser could not have made, as
+    ['epsilon \'8\'', ...]: a file edited by hand, or another program's.
+
+    Each value must be one the flag's type accepts and maps to itself (choices, ranges,
+    int or float, a switch's bool); None stands for a default filled in later. --device
+    is only text: a run trained on a GPU is read on a machine without one.
+    """
+    problems = []
+    for action in build_parser(config['dataset'])._actions:
+        value = config.get(action.dest)
+        if action.option_strings and value is not None and not valid_value(action, value):
+            problems.append(f'{action.dest} {one_line(repr(value), 40)}')
+    return problems
+
+
+def valid_value(action, value):
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    if action.choices is not None:
+        return value in action.choices
+    if action.type is None or action.dest == 'device':
+        return isinstance(value, str) and '\0' not in value
+    try:
+        return action.type(str(value)) == value
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
 
 
 def raise_input_error(message):

@@ -34,7 +34,8 @@ import evaluate
 import flags
 import plots
 import runs
-from cli import HelpFormatter, number_in_range, positive_int
+from cli import (HelpFormatter, device_name, failed_write, number_in_range, positive_int,
+                 print_error)
 from progress import progress, to_terminal
 from utils import DATASETS, InputError, atomic_write_text, check_writable_dir
 
@@ -80,7 +81,8 @@ def build_parser():
                         f'{",".join(evaluate.ATTACKS)}')
     p.add_argument('--retry-failed', action='store_true',
                    help='run again the runs that failed (a diverged run stays diverged)')
-    p.add_argument('--device', help='given to both scripts (default: cuda when present)')
+    p.add_argument('--device', type=device_name,
+                   help='given to both scripts (default: cuda when present)')
     local = p.add_argument_group('where the runs execute, on this machine')
     local.add_argument('--gpus', type=gpu_list, default=None,
                        help='0,1,2,3 or all: one run per GPU (or per --gpus-per-run GPUs) at once')
@@ -899,12 +901,10 @@ def main(argv=None):
             report.close()
         text = write_outputs(grid)
     except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print_error(e)
         return 2
     except OSError as e:
-        print(f'error: {e.filename + ": " if e.filename else ""}{e.strerror or e}',
-              file=sys.stderr)
-        return 1
+        return failed_write(e)
     print('\n' + text)
     print(f'table: {os.path.join(grid.out_dir, "grid.md")}, grid.csv, grid.png')
     if not complete:

@@ -24,10 +24,11 @@ import socket
 import sys
 import time
 
+import flags
 from flags import RESUME_MAY_CHANGE
 from mixkl import STEPS
-from utils import (DATASETS, InputError, atomic_save, atomic_write_text, safe_torch_load,
-                   sha256_file)
+from utils import (DATASETS, InputError, atomic_save, atomic_write_text, one_line, read_file,
+                   safe_torch_load, sha256_file)
 
 # ---------------------------------------------------------------------------
 # Names and formats
@@ -51,6 +52,12 @@ METRIC_FIELDS = ['epoch', 'seconds', 'eval_seconds', 'lr', 'train_loss', 'train_
                  'alarm_fgsm_acc', 'alarm_pgd_acc']
 # The columns every reader needs (as test_*, whichever split was evaluated).
 NEEDED_METRICS = ['epoch', 'seconds', 'eval_seconds', 'test_clean_acc', 'test_pgd_acc']
+ACCURACY_METRICS = ['train_acc', 'test_clean_acc', 'test_pgd_acc', 'alarm_fgsm_acc',
+                    'alarm_pgd_acc']
+# What a checkpoint.pth holds besides its flags, and of which kind (training.py writes it).
+CHECKPOINT_FIELDS = {'student': dict, 'teacher': (dict, type(None)), 'teacher_updates': int,
+                     'optimizer': dict, 'scheduler': dict, 'epoch': int, 'step': int,
+                     'stats': dict, 'best_pgd': (int, float), 'history': list, 'rng': dict}
 # JSON nesting beyond this is no file this project wrote (and Python's parser would
 # otherwise run out of stack on it).
 JSON_DEPTH_LIMIT = 32
@@ -149,10 +156,7 @@ def save_checkpoint(run_dir, checkpoint):
 def read_json(path):
     """The parsed JSON file; an unreadable, malformed or absurdly nested one is an InputError."""
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise InputError(f'{path}: {e.strerror}')
+        text = read_file(path).decode()
     except UnicodeDecodeError:
         raise InputError(f'{path}: not a text file')
     if json_depth(text) > JSON_DEPTH_LIMIT:
@@ -207,6 +211,8 @@ def read_config(run_dir):
         problems.append(f'epochs {epochs!r}')
     if not isinstance(config.get('seed'), int) or isinstance(config.get('seed'), bool):
         problems.append(f'seed {config.get("seed")!r}')
+    if not problems:  # every flag as the parser would have made it
+        problems = flags.config_problems(config)
     if problems:
         raise InputError(f'{path}: not the config.json of a training run '
                          f'({", ".join(problems)})')
@@ -217,18 +223,15 @@ def read_metrics(run_dir):
     """The per-epoch rows of metrics.csv as floats, val_* read as test_*; [] before the first
     epoch ends. Values that are not finite numbers are an InputError naming the line."""
     path = os.path.join(run_dir, METRICS)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return []
     try:
-        with open(path, newline='') as f:
-            reader = csv.DictReader(f)
-            fields = [as_test_column(c) for c in reader.fieldnames or []]
-            missing = [c for c in NEEDED_METRICS if c not in fields]
-            if missing:
-                raise InputError(f'{path}: no column {", ".join(missing)}')
-            rows = [{as_test_column(k): v for k, v in row.items()} for row in reader]
-    except OSError as e:
-        raise InputError(f'{path}: {e.strerror}')
+        reader = csv.DictReader(io.StringIO(read_file(path).decode(), newline=''))
+        fields = [as_test_column(c) for c in reader.fieldnames or []]
+        missing = [c for c in NEEDED_METRICS if c not in fields]
+        if missing:
+            raise InputError(f'{path}: no column {", ".join(missing)}')
+        rows = [{as_test_column(k): v for k, v in row.items()} for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f'{path}: not a metrics file ({e})')
     numbers = []
@@ -240,6 +243,10 @@ def read_metrics(run_dir):
         if any(c not in values or not math.isfinite(values[c]) for c in NEEDED_METRICS):
             raise InputError(f'{path}, line {line}: not a finite number in one of '
                              f'{", ".join(NEEDED_METRICS)}')
+        outside = [c for c in ACCURACY_METRICS if c in values and not 0 <= values[c] <= 1]
+        if outside:
+            raise InputError(f'{path}, line {line}: {", ".join(outside)} not an accuracy in '
+                             '[0, 1]')
         numbers.append(values)
     return numbers
 
@@ -255,6 +262,12 @@ def read_checkpoint(path):
     if not isinstance(checkpoint, dict) or checkpoint.get('format') != CHECKPOINT_FORMAT \
             or not isinstance(checkpoint.get('args'), dict):
         raise InputError(f'--resume {path}: not a resumable checkpoint of this project')
+    wrong = [key for key, kind in CHECKPOINT_FIELDS.items()
+             if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool)]
+    if wrong or checkpoint['epoch'] < 0 or checkpoint['step'] < 0:
+        raise InputError(f'--resume {path}: not a resumable checkpoint of this project '
+                         f'({", ".join(wrong) or "epoch, step"} missing or not what training '
+                         'writes)')
     return checkpoint
 
 
@@ -296,13 +309,25 @@ def read_evaluation(path):
         raise InputError(f'{path}: not a results.json of the test scripts '
                          '(no "results" list of checkpoints and their attack accuracies)')
     for entry in entries:
+        checkpoint = entry.get('checkpoint')
+        if not isinstance(checkpoint, str) or not checkpoint or '\0' in checkpoint \
+                or not isinstance(entry.get('sha256', ''), str):
+            raise InputError(f'{path}: an entry whose checkpoint is not a path '
+                             f'({one_line(repr(checkpoint), 60)})')
         for attack, result in entry['attacks'].items():
-            accuracy = result['accuracy']
-            if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) \
-                    or not 0 <= accuracy <= 1:
-                raise InputError(f'{path}: the {attack} accuracy {accuracy!r} is not a '
-                                 'number in [0, 1]')
+            accuracy, n = result['accuracy'], result.get('n', 0)
+            if not is_number(accuracy) or not 0 <= accuracy <= 1:
+                raise InputError(f'{path}: the {one_line(attack, 40)} accuracy '
+                                 f'{one_line(repr(accuracy), 40)} is not a number in [0, 1]')
+            if not is_number(n) or n != int(n) or n < 0:
+                raise InputError(f'{path}: the {one_line(attack, 40)} image count '
+                                 f'{one_line(repr(n), 40)} is not a whole number')
     return [dict(entry, report=path) for entry in entries]
+
+
+def is_number(value):
+    """A finite int or float from JSON (True and False are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def evaluations_in(directory, below=False):

@@ -17,7 +17,7 @@ import sys
 
 import flags
 import runs
-from cli import exit_status, start_script
+from cli import exit_status, print_error, start_script
 from utils import InputError
 
 # Where files are, not how the model was trained; the method and arch have their own columns.
@@ -156,11 +156,11 @@ def main(argv=None):
     try:
         run_dirs, result_files = sort_arguments(args.paths)
     except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print_error(e)
         return 2
     read, notes = read_all(run_dirs, result_files)
     for note in notes:
-        print(f'error: {note}', file=sys.stderr)
+        print_error(note)
     if not read:
         return 2 if notes else 0
     table = markdown_table(HEADER, [summary_row(run) for run in read])

@@ -21,7 +21,8 @@ import torch.nn as nn
 import plots
 import runs
 from checks import overfitting_warning
-from cli import cuda_default, enable_fast_cuda, failed_write, resolve_device, start_script
+from cli import (cuda_default, enable_fast_cuda, failed_write, print_error, resolve_device,
+                 start_script)
 from ddp import Distributed, SyncedTeacher, wrap_ddp
 from mixkl import (STEPS, ConditionalEMA, Hyperparameters, kl_weight, lr_factor, momentum_at,
                    temperature)
@@ -33,7 +34,7 @@ from data import load_dataset
 from files import append_text
 from utils import (DATASETS, WEIGHT_LIMIT, CifarLoader, InputError, atomic_save, attack_fgsm,
                    check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
-                   pgd_attack, safe_torch_load)
+                   one_line, pgd_attack, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
@@ -555,6 +556,17 @@ class Trainer:
         runs.save_checkpoint(self.run_dir, checkpoint)
 
     def _restore(self, checkpoint):
+        """Continue from ``checkpoint`` (runs.read_checkpoint checked its fields' kinds); one
+        whose tensors or states do not fit these models and optimiser is an InputError."""
+        try:
+            self._load_states(checkpoint)
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f'--resume {self.path(runs.CHECKPOINT)}: cannot be resumed '
+                             f'({one_line(e, 200)})') from None
+        self.log(f'resumed from {self.path(runs.CHECKPOINT)} at epoch {self.epoch + 1}, '
+                 f'step {self.step}')
+
+    def _load_states(self, checkpoint):
         self.student.load_state_dict(checkpoint['student'])
         if self.teacher is not None:
             self.teacher.model.load_state_dict(checkpoint['teacher'])
@@ -566,8 +578,6 @@ class Trainer:
         self.history = checkpoint['history']
         set_rng_state(checkpoint['rng_per_rank'][self.dist.rank] if self.dist.enabled
                       else checkpoint['rng'])
-        self.log(f'resumed from {self.path(runs.CHECKPOINT)} at epoch {self.epoch + 1}, '
-                 f'step {self.step}')
 
 
 def new_epoch_stats():
@@ -641,7 +651,7 @@ def main(dataset, argv=None):
         code = trainer.fit()
     except InputError as e:
         rank = os.environ.get('RANK') if int(os.environ.get('WORLD_SIZE', '1')) > 1 else None
-        print(f'{f"[rank {rank}] " if rank is not None else ""}error: {e}', file=sys.stderr)
+        print_error(e, f'[rank {rank}] ' if rank is not None else '')
         code = 2
     except Diverged as e:
         trainer.log(f'error: the run diverged: {e}. {trainer.what_is_kept()}')

@@ -4,10 +4,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from synthetic import learnable_images  # noqa: E402 (the project's modules, from ROOT)
+from utils import attack_pgd  # noqa: E402
 
 # The tests run many tiny models: one thread is faster than two that synchronise on every op,
 # and it keeps results identical however busy the machine is. Subprocesses inherit it.
@@ -58,3 +64,41 @@ def same_weights(a, b):
     """Two state_dicts (or the files holding them) bitwise equal."""
     a, b = (load_weights(x) if isinstance(x, (str, os.PathLike)) else x for x in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------
+# A small adversarially trained model, quick enough for AutoAttack and the checks
+
+def coloured_images(n):
+    """``n`` class-coloured 8x8 images (synthetic.py's, cropped) and their labels.
+
+    Two classes' colours are 88/255 apart in some channel: a model can be robust up to
+    44/255, none is at 64/255.
+    """
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    images = torch.from_numpy(learnable_images(labels, 10, rng)).float().div(255)
+    return images.view(-1, 3, 32, 32)[:, :, :8, :8].contiguous(), torch.from_numpy(labels)
+
+
+def adversarially_trained_mlp(eps, n_test):
+    """An MLP PGD-trained at ``eps`` on the first 512 of ``coloured_images(512 + n_test)``
+    (2 s), in eval mode, and the other ``n_test`` images and labels.
+
+    Small inputs keep AutoAttack's 1,800 FAB-T and Square iterations quick on a CPU.
+    """
+    X, y = coloured_images(512 + n_test)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for epoch in range(20):
+        for i in range(0, 512, 64):
+            xb, yb = X[i:i + 64], y[i:i + 64]
+            model.eval()
+            delta = attack_pgd(model, xb, yb, eps, eps / 3, 3, 1)
+            model.train()
+            loss = F.cross_entropy(model(xb + delta), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), X[512:], y[512:]

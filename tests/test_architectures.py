@@ -243,6 +243,15 @@ AUTHORS_TINY_DEFAULTS = dict(batch_size=64, lr_max=0.2, lamda=42.0, mixup_alpha=
                              lr_schedule='cyclic', epochs=110, augment=False)
 
 
+@pytest.mark.parametrize('arch, width', [('preactresnet18', 64), ('resnet18', 64),
+                                         ('wrn34-10', 10)])
+def test_each_architecture_has_its_own_default_width(arch, width):
+    """64 channels for the ResNets, the widen factor 10 of WideResNet-34-10."""
+    args, _ = training.parse_args('cifar10', ['--arch', arch])
+    assert args.width == width
+    assert training.parse_args('cifar10', ['--arch', arch, '--width', '2'])[0].width == 2
+
+
 def test_tiny_imagenet_defaults_are_the_authors():
     args, _ = training.parse_args('tinyimagenet', [])
     assert {k: getattr(args, k) for k in AUTHORS_TINY_DEFAULTS} == AUTHORS_TINY_DEFAULTS

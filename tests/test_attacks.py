@@ -4,17 +4,15 @@ import json
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import evaluate
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
-from conftest import run_script
-from synthetic import learnable_images, write_synthetic_cifar
+from conftest import adversarially_trained_mlp, run_script
+from synthetic import write_synthetic_cifar
 from utils import (InputError, NonFiniteLogits, attack_pgd, evaluate_batches, load_model_weights,
                    pgd_attack, sha256_file)
 
@@ -128,33 +126,8 @@ def test_pgd50_breaks_everything_pgd10_breaks_with_the_same_seed():
     assert (pgd10 <= pgd50).all() and pgd50.sum() > pgd10.sum()
 
 
-def adversarially_trained_mlp(eps):
-    """A small model PGD-trained on class-coloured synthetic 8x8 images.
-
-    Small inputs keep AutoAttack's 1,800 FAB-T and Square iterations quick on a CPU.
-    """
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 560)
-    images = torch.from_numpy(learnable_images(labels, 10, rng)).float().div(255)
-    X, y = images.view(-1, 3, 32, 32)[:, :, :8, :8].contiguous(), torch.from_numpy(labels)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for epoch in range(20):
-        for i in range(0, 512, 64):
-            xb, yb = X[i:i + 64], y[i:i + 64]
-            model.eval()
-            delta = attack_pgd(model, xb, yb, eps, eps / 3, 3, 1)
-            model.train()
-            loss = F.cross_entropy(model(xb + delta), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), X[512:], y[512:]
-
-
 def test_autoattack_is_at_most_pgd20_at_most_clean_on_an_adversarially_trained_model(tmp_path):
-    model, X, y = adversarially_trained_mlp(16 / 255)
+    model, X, y = adversarially_trained_mlp(16 / 255, 48)
     args = argparse.Namespace(attacks=['clean', 'pgd20', 'aa'], epsilon=16.0, alpha=2.0,
                               restarts=1, seed=0, batch_size=128)
     results = evaluate.evaluate_checkpoint(model, X, y, args, str(tmp_path / 'mlp'))

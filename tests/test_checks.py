@@ -18,9 +18,9 @@ import checks
 import evaluate
 import runs
 import training
-from conftest import read_metrics
+from conftest import adversarially_trained_mlp, coloured_images, read_metrics
 from preactresnet import PreActResNet18
-from synthetic import learnable_images, write_synthetic_cifar
+from synthetic import write_synthetic_cifar
 from utils import attack_fgsm, attack_pgd, robust_mask
 
 EPS = 16 / 255
@@ -34,36 +34,10 @@ SMALL = checks.Settings(examples=128, square_examples=128, square_queries=300)
 # ---------------------------------------------------------------------------
 # Models
 
-def coloured_images(n):
-    """``n`` class-coloured 8x8 images (synthetic.py's, cropped) and their labels.
-
-    Two classes' colours are 88/255 apart in some channel: a model can be robust up to
-    44/255, none is at 64/255.
-    """
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n)
-    images = torch.from_numpy(learnable_images(labels, 10, rng)).float().div(255)
-    return images.view(-1, 3, 32, 32)[:, :, :8, :8].contiguous(), torch.from_numpy(labels)
-
-
 @pytest.fixture(scope='module')
 def trained():
     """An MLP PGD-trained at 16/255 on class-coloured 8x8 images (2 s), and 128 test images."""
-    X, y = coloured_images(640)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for epoch in range(20):
-        for i in range(0, 512, 64):
-            xb, yb = X[i:i + 64], y[i:i + 64]
-            model.eval()
-            delta = attack_pgd(model, xb, yb, EPS, EPS / 3, 3, 1)
-            model.train()
-            loss = F.cross_entropy(model(xb + delta), yb)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval(), X[512:], y[512:]
+    return adversarially_trained_mlp(EPS, 128)
 
 
 @pytest.fixture(scope='module')

@@ -73,6 +73,23 @@ def test_training_batches_are_the_planned_crops_of_the_shuffled_images():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(tail, batches[2:]))
 
 
+@pytest.mark.parametrize('world_size', [2, 3])
+def test_under_torchrun_the_ranks_split_each_global_batch_between_them(world_size):
+    """Rank r takes images r, r + N, ... of every global batch: together the ranks see the
+    single-process batch, each image once, cropped and flipped as it would be there."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(50)
+    alone = list(CifarLoader(images, labels, 16, 'cpu', train=True, seed=1).batches(epoch=1))
+    shares = [list(CifarLoader(images, labels, 16, 'cpu', train=True, seed=1, rank=r,
+                               world_size=world_size).batches(epoch=1))
+              for r in range(world_size)]
+    for step, (x, y) in enumerate(alone):
+        for r in range(world_size):
+            xr, yr = shares[r][step]
+            assert torch.equal(yr, y[r::world_size]) and torch.equal(xr, x[r::world_size])
+
+
 def test_test_batches_are_unaugmented_and_in_order():
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     images[0, 0, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)

@@ -537,6 +537,58 @@ def test_summarize_reports_bad_input_in_one_line(tmp_path, capsys, problem, mess
     assert [r['run'] for r in table_rows(out)] == ['run'] if extra else out == ''
 
 
+def spoil_results(run, what):
+    path = run / 'results.json'
+    write_results(path, [(run / 'best_model.pth', sha256_file(run / 'best_model.pth'), 0.4)])
+    report = json.loads(path.read_text())
+    entry = report['results'][0]
+    if what == 'count':
+        entry['attacks']['aa']['n'] = 'x'
+    else:
+        entry['checkpoint'] = 'a\u0000b'
+    path.write_text(json.dumps(report))
+    return path
+
+
+def spoil_config(run, key, value):
+    config = json.loads((run / 'config.json').read_text())
+    config[key] = value
+    (run / 'config.json').write_text(json.dumps(config))
+    return run / 'config.json'
+
+
+def spoil_metrics(run, column, value):
+    text = (run / 'metrics.csv').read_text().splitlines()
+    header, row = text[0].split(','), text[1].split(',')
+    row[header.index(column)] = value
+    (run / 'metrics.csv').write_text('\n'.join([text[0], ','.join(row), *text[2:]]) + '\n')
+    return run / 'metrics.csv'
+
+
+@pytest.mark.parametrize('spoil, message', [
+    (lambda run: spoil_results(run, 'count'), 'the aa image count \'x\' is not a whole number'),
+    (lambda run: spoil_results(run, 'path'), 'an entry whose checkpoint is not a path'),
+    (lambda run: spoil_config(run, 'epsilon', '8'), 'not the config.json of a training run '
+                                                    "(epsilon '8')"),
+    (lambda run: spoil_config(run, 'arch', ['x']), "(arch ['x'])"),
+    (lambda run: spoil_config(run, 'lr_max', 100), '(lr_max 100)'),
+    (lambda run: spoil_metrics(run, 'test_clean_acc', '1e307'),
+     'line 2: test_clean_acc not an accuracy in [0, 1]'),
+    (lambda run: spoil_metrics(run, 'test_pgd_acc', '-0.5'),
+     'line 2: test_pgd_acc not an accuracy in [0, 1]'),
+], ids=['count', 'checkpoint', 'epsilon', 'arch', 'lr-max', 'huge accuracy', 'negative accuracy'])
+def test_records_no_script_writes_leave_out_their_run_in_one_line(tmp_path, capsys, spoil,
+                                                                   message):
+    good = write_run(tmp_path, 'good', [], [(50, 10, 0.6, 0.3)])
+    bad = write_run(tmp_path, 'bad', [], [(50, 10, 0.6, 0.3)])
+    path = spoil(bad)
+    code, out, err = summarize_in_process(capsys, good, bad)
+    assert code == 2 and [row['run'] for row in table_rows(out)] == ['good']
+    error, = err.strip().splitlines()
+    assert error.startswith(f'error: {path}') and message in error, error
+    assert 'nan%' not in out and 'inf%' not in out
+
+
 def test_a_malformed_run_leaves_out_only_its_own_row(tmp_path, capsys):
     good = write_run(tmp_path, 'good', [], [(60, 0, 0.5, 0.25)])
     bad = write_run(tmp_path, 'bad', [], [(60, 0, 0.5, 0.25)])

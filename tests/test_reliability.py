@@ -21,10 +21,13 @@ import benchmark
 import bf16_check
 import evaluate
 import files
+import grid
+import runs
 import training
 from conftest import ROOT, script_path
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
 from tinyimagenet import load_tiny_imagenet
+from utils import InputError
 
 TINY_TRAINING = ['--epochs', '1', '--batch-size', '16', '--width', '8', '--alarm-examples', '8',
                  '--eval-batch-size', '16']
@@ -209,7 +212,9 @@ def test_the_tiny_imagenet_cache_reports_a_failed_write_in_one_line(tmp_path, li
                         '--out_dir', tmp_path / 'runs', *TINY_TRAINING], tmp_path,
                        fsize=fsize and 100 * 1024)
     base = folder / 'tiny-imagenet-200'
-    assert the_error(proc).startswith(f'error: {base}/.mixkl-cache-train.npy: ')
+    reason = 'No space left on device' if fsize is None else 'File too large'
+    assert the_error(proc) == (f'error: {base}/.mixkl-cache-train.npy: {reason}; nothing was '
+                               'left half-written')
     assert not [n for n in os.listdir(base) if n.startswith('.')], 'no cache, no temporary'
     assert not os.listdir(tmp_path / 'runs'), 'no run directory'
 
@@ -337,3 +342,59 @@ def test_a_good_device_is_kept_as_text_for_config_json():
     assert json.loads(json.dumps(vars(args)))['device'] == 'cpu:0'
     args, _ = training.parse_args('cifar10', [])
     assert args.device is None, 'the default (cuda when present) is chosen later, per rank'
+
+
+@pytest.mark.parametrize('device, message', [
+    ('cpu:zz', 'not a device name'), ('mps', 'the scripts run on cpu or cuda, not mps')])
+def test_the_grid_checks_its_device_before_any_run(capsys, device, message):
+    with pytest.raises(SystemExit) as exit_info:
+        grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'g',
+                                        '--device', device])
+    assert exit_info.value.code == 2 and f'argument --device: {message}' in capsys.readouterr().err
+    # A GPU the grid's machine lacks is fine: its runs may execute elsewhere (SLURM).
+    assert grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'g',
+                                           '--device', 'cuda:3']).device == 'cuda:3'
+
+
+# ---------------------------------------------------------------------------
+# Sizes no machine holds, files that are not files, messages on one line
+
+@pytest.mark.parametrize('parse, flags, message', [
+    (benchmark.parse_args, ['--width', '2000'], 'argument --width: 2000 must be <= 1024'),
+    (benchmark.parse_args, ['--steps', '10000', '--batch-size', '1000'],
+     'would need more than 1,000,000 synthetic training images'),
+    (bf16_check.main, ['--train-images', str(10 ** 20)],
+     f'argument --train-images/--check-train-images: {10 ** 20} must be <= 1000000'),
+    (parse_evaluation, ['--width', '1025'], 'argument --width: 1025 must be <= 1024'),
+], ids=['benchmark width', 'benchmark images', 'bf16_check images', 'evaluation width'])
+def test_sizes_no_machine_holds_are_one_argparse_line(capsys, parse, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_fifo_where_a_file_belongs_is_refused_at_once(tmp_path):
+    fifo = tmp_path / 'metrics.csv'
+    os.mkfifo(fifo)
+    signal.alarm(20)  # reading a FIFO nobody writes to would wait forever
+    try:
+        with pytest.raises(InputError, match=f'{fifo}: not a regular file'):
+            files.read_file(str(fifo))
+        with pytest.raises(InputError, match='not a regular file'):
+            runs.read_metrics(str(tmp_path))
+    finally:
+        signal.alarm(0)
+
+
+def test_the_project_writes_files_readable_as_the_umask_allows(tmp_path):
+    for write in (files.atomic_write_text, files.atomic_write_bytes):
+        path = tmp_path / write.__name__
+        write(str(path), 'x' if write is files.atomic_write_text else b'x')
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~files._UMASK, 'not mkstemp\'s 0600'
+
+
+def test_a_path_holding_a_newline_is_reported_on_one_line(tmp_path):
+    proc = run_limited(['test_cifar10.py', '--model_path', str(tmp_path / 'x\nerror: fake'),
+                        '--out_dir', tmp_path / 'out', '--data-dir', tmp_path, '--no-checks'],
+                       ROOT)
+    assert the_error(proc, status=2) == f'error: {tmp_path}/x error: fake: no such file'

@@ -300,6 +300,7 @@ def test_weights_beyond_the_limit_or_not_finite_are_named():
     (['--seed', '1e20'], "argument --seed: '1e20' is not an int"),
     (['--seed', str(2 ** 40)], f'argument --seed: {2 ** 40} must be <= {2 ** 31 - 1}'),
     (['--seed', '-1'], 'argument --seed: -1 must be >= 0'),
+    (['--width', str(10 ** 20)], f'argument --width: {10 ** 20} must be <= 1024'),
 ])
 def test_nonsense_flags_are_argument_errors(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -388,6 +389,41 @@ def test_a_resume_refuses_a_config_json_that_is_not_training_s(tiny_run, config_
         f.write(config_text)
     with pytest.raises(InputError, match=message):
         resume(tmp, run_dir)
+
+
+def drop_student(checkpoint):
+    del checkpoint['student']
+
+
+def shrink_bias(checkpoint):
+    checkpoint['student']['linear.bias'] = torch.zeros(3)
+
+
+def epoch_as_text(checkpoint):
+    checkpoint['epoch'] = '1'
+
+
+def empty_rng(checkpoint):
+    checkpoint['rng'] = {}
+
+
+@pytest.mark.parametrize('spoil, message', [
+    (drop_student, 'not a resumable checkpoint of this project (student missing or not what '
+                   'training writes)'),
+    (shrink_bias, 'cannot be resumed (Error(s) in loading state_dict'),
+    (epoch_as_text, '(epoch missing or not what training writes)'),
+    (empty_rng, "cannot be resumed ('torch')"),
+])
+def test_a_resume_refuses_a_checkpoint_training_did_not_write_in_one_line(tiny_run, spoil,
+                                                                           message):
+    tmp, run_dir = tiny_run
+    path = os.path.join(run_dir, 'checkpoint.pth')
+    checkpoint = torch.load(path, weights_only=True)
+    spoil(checkpoint)
+    torch.save(checkpoint, path)
+    with pytest.raises(InputError) as error:
+        resume(tmp, run_dir)
+    assert str(error.value).startswith(f'--resume {path}') and message in str(error.value)
 
 
 def test_a_resume_refuses_a_config_json_edited_by_hand(tiny_run):
