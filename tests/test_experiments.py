@@ -274,6 +274,16 @@ def test_alarm_is_silent_on_healthy_training():
     assert alarm_epochs(rows) == []
 
 
+@pytest.mark.parametrize('pgd_now, fgsm_now, fires', [
+    (0.19, 0.50, True),   # PGD just below half its best (0.40), FGSM at half its best (0.50)
+    (0.21, 0.90, False),  # PGD just above half its best
+    (0.19, 0.49, False),  # FGSM just below half its best too: weaker, not masked
+])
+def test_the_alarm_fires_at_half_the_best_pgd_accuracy(pgd_now, fgsm_now, fires):
+    rows = history(fgsm=[0.60, 1.00, fgsm_now], pgd=[0.30, 0.40, pgd_now])
+    assert alarm_epochs(rows) == ([3] if fires else [])
+
+
 def test_alarm_is_silent_when_fgsm_falls_too():
     # Both attacks succeed more: the model got weaker, not gradient-masked.
     rows = history(fgsm=[0.40, 0.45, 0.10], pgd=[0.30, 0.35, 0.05])
