@@ -314,6 +314,22 @@ def test_each_check_gives_the_same_numbers_alone_as_after_the_others(trained):
         assert alone == together[name], name
 
 
+def test_accuracy_falls_with_epsilon_counts_examples_a_larger_radius_gave_back(trained):
+    """Known masks per radius: example 0 is broken at eps but not at 2 eps, the one example
+    a larger ball gave back; example 1 is broken at every radius."""
+    model, X, y = trained
+    probe = checks.Probe(model, X[:3], y[:3], EPS, 0, 64, SMALL)
+    masks = {EPS / 2: [True, False, True], EPS: [False, False, True],
+             2 * EPS: [True, False, True]}
+    probe.robust = lambda attack, radius=None, iterations=None: torch.tensor(
+        masks[radius] if attack == 'pgd' else [True] * 3)
+    numbers = checks.measure_accuracy_falls_with_epsilon(probe)
+    assert numbers['broken_at_smaller_not_larger'] == 1
+    assert (numbers['accuracy_half_eps'], numbers['accuracy_eps'],
+            numbers['accuracy_double_eps']) == pytest.approx((2 / 3, 1 / 3, 2 / 3))
+    assert checks.judge_accuracy_falls_with_epsilon(numbers, SMALL)[0] == 'warn'
+
+
 def test_the_checks_share_their_attacks_example_by_example(trained):
     model, X, y = trained
     probe = checks.Probe(model, X, y, EPS, 0, 64, SMALL)

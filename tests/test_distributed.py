@@ -14,7 +14,9 @@ import time
 import pytest
 import torch
 
+import training
 from conftest import ROOT, read_metrics, same_weights, the_run_dir
+from utils import InputError
 from synthetic import write_synthetic_cifar
 
 # Small enough for a slow CPU, long enough (4 steps x 3 epochs) to be stopped part way.
@@ -241,3 +243,20 @@ def test_gradients_averaged_and_evaluation_split(tmp_path):
     assert out['distributed'] == out['single']
     assert 0 < out['single'][1] < out['single'][0]  # PGD breaks some, not all
     assert out['rng_untouched']
+
+
+@pytest.mark.parametrize('n, batch_size, world_size, smallest', [
+    (33, 16, 2, 1),   # the last batch holds 1 image for 2 processes
+    (64, 48, 3, 16),  # 48 then 16 images: each of 3 processes gets some of both
+    (32, 16, 2, None),
+    (5, 16, 4, None),  # one batch of 5: 4 processes take 2, 1, 1, 1
+    (1, 16, 1, None),  # one process takes any batch
+])
+def test_every_process_gets_an_image_of_every_batch_or_the_run_is_refused(n, batch_size,
+                                                                          world_size, smallest):
+    if smallest is None or smallest >= world_size:
+        training.check_shares(n, batch_size, world_size)
+        return
+    with pytest.raises(InputError, match=f'a batch of {smallest} training image\\(s\\) cannot be '
+                                         f'shared by {world_size} processes'):
+        training.check_shares(n, batch_size, world_size)
