@@ -182,8 +182,8 @@ def parse_args(dataset, argv=None, strict=False):
 
 
 def config_problems(config):
-    """The flags in a config.json whose values the parser could not have made, as
-    ['epsilon \'8\'', ...]: a file edited by hand, or another program's.
+    """The flags in a config.json whose values the parser could not have made, each as
+    "name value" (e.g. "epsilon '8'"): a file edited by hand, or another program's.
 
     Each value must be one the flag's type accepts and maps to itself (choices, ranges,
     int or float, a switch's bool); None stands for a default filled in later. --device
@@ -198,6 +198,7 @@ def config_problems(config):
 
 
 def valid_value(action, value):
+    """Whether ``value`` (from JSON) is one the parser gives for ``action``'s flag."""
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
         return isinstance(value, bool)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
