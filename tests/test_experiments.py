@@ -602,7 +602,8 @@ def test_records_no_script_writes_leave_out_their_run_in_one_line(tmp_path, caps
 def test_a_malformed_run_leaves_out_only_its_own_row(tmp_path, capsys):
     good = write_run(tmp_path, 'good', [], [(60, 0, 0.5, 0.25)])
     bad = write_run(tmp_path, 'bad', [], [(60, 0, 0.5, 0.25)])
-    (bad / 'results.json').write_text('{"results": [{"attacks": {"aa": {"accuracy": 7}}}]}')
+    (bad / 'results.json').write_text('{"results": [{"checkpoint": "/r/best_model.pth", '
+                                      '"attacks": {"aa": {"accuracy": 7}}}]}')
     code, out, err = summarize_in_process(capsys, good, bad)
     assert code == 2 and [r['run'] for r in table_rows(out)] == ['good']
     assert err.strip() == (f'error: {bad / "results.json"}: the aa accuracy 7 is not a number '
