@@ -330,6 +330,18 @@ def test_accuracy_falls_with_epsilon_counts_examples_a_larger_radius_gave_back(t
     assert checks.judge_accuracy_falls_with_epsilon(numbers, SMALL)[0] == 'warn'
 
 
+@pytest.mark.parametrize('epsilon_255, radius_255', [(4, 64), (8, 64), (16, 128)])
+def test_the_large_radius_is_eight_eps_and_at_least_64(trained, epsilon_255, radius_255):
+    model, X, y = trained
+    probe = checks.Probe(model, X[:8], y[:8], epsilon_255 / 255, 0, 64, SMALL)
+    numbers = checks.measure_large_epsilon(probe)
+    assert numbers['epsilon_255'] == radius_255
+    torch.manual_seed(0)
+    attacked = robust_mask(model, [(X[:8], y[:8])], lambda m, X_, y_: attack_pgd(
+        m, X_, y_, radius_255 / 255, radius_255 / 255 / 4, 10, 1))
+    assert numbers['accuracy'] == attacked.float().mean().item()
+
+
 def test_the_checks_share_their_attacks_example_by_example(trained):
     model, X, y = trained
     probe = checks.Probe(model, X, y, EPS, 0, 64, SMALL)

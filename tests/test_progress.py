@@ -17,6 +17,15 @@ def test_plain_progress_writes_a_line_per_interval_not_per_step(monkeypatch):
     assert lines[0] == 'epoch 1/3: 5/20 steps, 5.0 min, about 15.0 min left, loss=1.234'
 
 
+def test_a_log_gets_a_line_every_five_minutes_by_default(monkeypatch):
+    clock = iter(range(0, 10000, 60))  # a minute per step
+    monkeypatch.setattr(progress.time, 'time', lambda: next(clock))
+    monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
+    bar = progress.progress(range(20), desc='epoch 1/3')
+    assert list(bar) == list(range(20))
+    assert len(progress.sys.stderr.getvalue().splitlines()) == 4
+
+
 def test_a_log_file_gets_no_bar(monkeypatch):
     monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
     assert isinstance(progress.progress(range(3)), progress.PlainProgress)

@@ -523,6 +523,12 @@ def bad_class_listed_twice(base):
     return True, path, 'is listed more than once'
 
 
+def bad_hidden_class_name(base):
+    path = os.path.join(base, 'wnids.txt')
+    rewrite(path, lambda text: text + '.n00000001\n')  # hidden, like ._x.JPEG: not a class
+    return True, path, "'.n00000001' is not a class folder name"
+
+
 def bad_no_class_folders_and_no_wnids_txt(base):
     os.remove(os.path.join(base, 'wnids.txt'))
     for wnid in os.listdir(os.path.join(base, 'train')):
