@@ -594,9 +594,13 @@ def overflowing_checkpoint(tmp_path):
     return checkpoint
 
 
-def test_a_model_with_nan_clean_logits_stops_before_any_attack(tmp_path, capsys):
+@pytest.mark.parametrize('after_a_good_one', [False, True])
+def test_a_model_with_nan_clean_logits_stops_before_any_attack(tmp_path, capsys,
+                                                               after_a_good_one):
     checkpoint = overflowing_checkpoint(tmp_path)
-    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+    good = [save(PreActResNet18(10, width=8).state_dict(), tmp_path / 'good.pth')] \
+        if after_a_good_one else []
+    code, out, err = evaluate_in_process(capsys, '--model_path', *good, checkpoint, '--out_dir',
                                          tmp_path / 'out', '--data-dir', tmp_path / 'data',
                                          '--n_ex', '6', '--batch_size', '4')
     assert code == 2 and 'results go to' not in out and '%' not in out, 'no attack ran'

@@ -184,6 +184,13 @@ def test_a_killed_grid_stops_its_run_and_the_rerun_resumes_it_bitwise(data, tmp_
     assert same_weights(os.path.join(run_dir, runs.FINAL), os.path.join(alone_dir, runs.FINAL))
 
 
+def test_flags_are_read_with_and_without_an_equals_sign():
+    assert grid.split_flags(['--epsilon=8', '--method', 'mixkl', 'fgsm_rs', '--no-augment',
+                             '--seed', '0', '--lr-max=0.05']) == [
+        ('--epsilon', ['8']), ('--method', ['mixkl', 'fgsm_rs']), ('--no-augment', []),
+        ('--seed', ['0']), ('--lr-max', ['0.05'])]
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--epsilon', '8', '300'], 'argument --epsilon: 300.0 must be <= 255'),
     (['--method', 'mixkl', 'pgd'], "argument --method: invalid choice: 'pgd'"),
