@@ -227,7 +227,10 @@ def test_a_checkpoint_from_before_the_new_flags_resumes_as_it_was_trained(tmp_pa
                  'con_reference', 'augment', 'attack_iters'):
         del old_args[flag]
     path = tmp_path / 'checkpoint.pth'
-    torch.save({'format': runs.CHECKPOINT_FORMAT, 'args': old_args}, path)
+    torch.save({'format': runs.CHECKPOINT_FORMAT, 'args': old_args, 'student': {},
+                'teacher': {}, 'teacher_updates': 0, 'optimizer': {}, 'scheduler': {},
+                'epoch': 1, 'step': 0, 'stats': {}, 'best_pgd': 0.1, 'history': [],
+                'rng': {}}, path)
     args, parser = training.parse_args('cifar10', ['--resume', str(path)])
     merged, _, _ = training.read_resume_checkpoint(args, parser)
     assert (merged.arch, merged.val_examples, merged.augment) == ('preactresnet18', 0, True)

@@ -19,7 +19,7 @@ from synthetic import write_synthetic_cifar
 # Two epochs of 64 images, width 4: a run takes seconds.
 TINY = ['--epochs', '2', '--train-examples', '64', '--eval-examples', '32', '--batch-size', '32',
         '--width', '8', '--alarm-examples', '16', '--eval-batch-size', '32', '--pgd-iters', '2']
-EVAL = ['--attacks', 'clean,pgd10', '--n_ex', '32', '--batch_size', '32']
+EVAL = ['--attacks', 'clean,pgd10', '--n_ex', '32', '--batch_size', '32', '--checks-examples', '16']
 # The checks run in the first grid (its table counts their warnings); the other grids
 # skip them.
 FAST_EVAL = [*EVAL, '--no-checks']
