@@ -12,7 +12,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from synthetic import learnable_images  # noqa: E402 (the project's modules, from ROOT)
+import evaluate  # noqa: E402 (the project's modules, from ROOT)
+from synthetic import learnable_images  # noqa: E402
 from utils import attack_pgd  # noqa: E402
 
 # The tests run many tiny models: one thread is faster than two that synchronise on every op,
@@ -21,6 +22,17 @@ os.environ['OMP_NUM_THREADS'] = '1'
 torch.set_num_threads(1)
 
 TIME_COLUMNS = {'seconds', 'eval_seconds'}
+
+
+def evaluate_in_process(capsys, *argv):
+    """test_cifar10.py's main without a new interpreter: (exit status, stdout, stderr)."""
+    try:
+        evaluate.main('cifar10', [str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def script_path(name):

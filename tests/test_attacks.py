@@ -11,7 +11,7 @@ import torch.nn as nn
 import evaluate
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
-from conftest import adversarially_trained_mlp, run_script
+from conftest import adversarially_trained_mlp, evaluate_in_process, run_script
 from synthetic import write_synthetic_cifar
 from utils import (InputError, NonFiniteLogits, attack_pgd, evaluate_batches, load_model_weights,
                    pgd_attack, sha256_file)
@@ -404,17 +404,6 @@ def model_and_data(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=10, n_test=10)
     torch.manual_seed(0)
     return save(PreActResNet18(10, width=8).state_dict(), tmp_path / 'model.pth')
-
-
-def evaluate_in_process(capsys, *argv):
-    """test_cifar10.py's main without a new interpreter: (exit status, stdout, stderr)."""
-    try:
-        evaluate.main('cifar10', [str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize('where', ['a file', 'inside a file', 'read-only'])

@@ -18,7 +18,8 @@ import checks
 import evaluate
 import runs
 import training
-from conftest import adversarially_trained_mlp, coloured_images, read_metrics
+from conftest import (adversarially_trained_mlp, coloured_images, evaluate_in_process,
+                      read_metrics)
 from preactresnet import PreActResNet18
 from synthetic import write_synthetic_cifar
 from utils import attack_fgsm, attack_pgd, robust_mask
@@ -393,16 +394,6 @@ def write_test_set(root, images, labels):
     write_synthetic_cifar(str(root), 'cifar10', n_train=10, n_test=len(labels))
     with open(root / 'cifar-10-batches-py' / 'test_batch', 'wb') as f:
         pickle.dump({'batch_label': 'synthetic', 'data': images, 'labels': labels}, f, protocol=2)
-
-
-def evaluate_in_process(capsys, *argv):
-    try:
-        evaluate.main('cifar10', [str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope='module')
