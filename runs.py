@@ -25,7 +25,6 @@ import sys
 import time
 
 import flags
-from flags import RESUME_MAY_CHANGE
 from mixkl import STEPS
 from utils import (DATASETS, InputError, atomic_save, atomic_write_text, one_line, read_file,
                    safe_torch_load, sha256_file)
@@ -278,7 +277,7 @@ def check_checkpoint_matches_config(run_dir, checkpoint):
     config = read_config(run_dir)
     saved = {**checkpoint['args'], 'data_sha256': checkpoint.get('data_sha256')}
     differ = sorted(k for k in set(saved) | set(config)
-                    if k not in RESUME_MAY_CHANGE and k in saved and k in config_flags(config)
+                    if k not in flags.RESUME_MAY_CHANGE and k in saved and k in config_flags(config)
                     and saved[k] != config[k])
     differ += sorted(k for k in ('seed', 'method', 'dataset', 'arch', 'width', 'data_sha256')
                      if k in saved and saved[k] is not None and k not in config)

@@ -1,5 +1,6 @@
 """Paths and helpers shared by the test files: running the scripts, reading what a run wrote."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402 (the project's modules, from ROOT)
+import runs  # noqa: E402
+import training  # noqa: E402
 from synthetic import learnable_images  # noqa: E402
 from utils import attack_pgd  # noqa: E402
 
@@ -114,3 +117,49 @@ def adversarially_trained_mlp(eps, n_test):
             loss.backward()
             optimizer.step()
     return model.eval(), X[512:], y[512:]
+
+
+# ---------------------------------------------------------------------------
+# Run directories and evaluations written by hand (summarize.py, grid.py)
+
+def write_run(parent, name, flags, metrics, **config_entries):
+    """A run directory written by hand: config.json (``config_entries`` override it),
+    metrics.csv (a row per (seconds, eval seconds, clean, PGD[, {other columns}])), model files."""
+    run_dir = parent / name
+    run_dir.mkdir()
+    # The flags as that dataset's script and that architecture's defaults make them.
+    dataset = config_entries.get('dataset', 'cifar10')
+    args, _ = training.parse_args(dataset, ['--arch', config_entries.get('arch', 'preactresnet18'),
+                                            *flags])
+    for flag in ('amp', 'channels_last'):
+        if getattr(args, flag) is None:
+            setattr(args, flag, True)  # as Trainer resolves them on CUDA
+    config = {**vars(args), 'data_dir': '/elsewhere', 'out_dir': str(parent),
+              'device_used': 'cuda:0', 'torch': '2.14.1', 'command': 'MIX_KL_CIFAR10.py',
+              **config_entries}
+    (run_dir / 'config.json').write_text(json.dumps(config))
+    rows = [dict({k: 0 for k in runs.METRIC_FIELDS}, epoch=i + 1, seconds=s, eval_seconds=e,
+                 test_clean_acc=c, test_pgd_acc=p, **(other[0] if other else {}))
+            for i, (s, e, c, p, *other) in enumerate(metrics)]
+    runs.write_metrics(str(run_dir / 'metrics.csv'), rows)
+    for checkpoint in ('best_model.pth', 'final_model.pth'):
+        (run_dir / checkpoint).write_bytes(f'weights of {name}/{checkpoint}'.encode())
+    return run_dir
+
+
+def write_results(path, entries, n=10000):
+    """An evaluate.py results.json; entries: (checkpoint path, sha256, AutoAttack accuracy)."""
+    results = [dict(checkpoint=str(c), sha256=digest, width=64,
+                    attacks={'clean': dict(accuracy=0.9, correct=int(0.9 * n), n=n, seconds=1),
+                             'aa': dict(accuracy=aa, correct=int(aa * n), n=n, seconds=9)})
+               for c, digest, aa in entries]
+    path.write_text(json.dumps(dict(dataset='cifar10', n_examples=n, epsilon_255=8.0,
+                                    attacks=['clean', 'aa'], results=results)))
+
+
+def table_rows(markdown):
+    lines = markdown.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert set(lines[1]) <= set('|-')
+    return [dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
+            for line in lines[2:]]

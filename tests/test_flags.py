@@ -1,0 +1,105 @@
+"""flags.py and cli.py: every default as METHOD.md states it, each range at its edges,
+what a resume keeps and what it may change."""
+import pytest
+
+import flags
+from utils import InputError
+
+# METHOD.md's defaults (CIFAR-10 and CIFAR-100 alike), flag by flag.
+METHOD_DEFAULTS = dict(
+    method='mixkl', arch='preactresnet18', width=64, epochs=110, batch_size=128,
+    lr_schedule='multistep', lr_max=0.1, lr_peak=0.5, momentum=0.9, momentum_min=0.8,
+    weight_decay=5e-4, epsilon=8.0, alpha=8.0, attack_iters=10, augment=True,
+    delta_init='random', mixup_alpha=0.4, lamda=12.0, tau0=2.0, gamma=0.99,
+    tau_schedule='geometric', lambda_kl_base=1.0, ema_value=0.82, ema_decay_max=0.999,
+    con_reference='clean', pgd_iters=10, pgd_alpha=2.0, seed=0, val_examples=0,
+    train_examples=None, eval_examples=None, resume=None, sync_bn=False)
+
+
+@pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
+def test_every_default_is_the_one_method_md_gives(dataset):
+    args, _ = flags.parse_args(dataset, [])
+    assert {k: getattr(args, k) for k in METHOD_DEFAULTS} == METHOD_DEFAULTS
+    assert args.data_dir == f'{dataset}-data' and args.dataset == dataset
+
+
+# (flag, values accepted at the edges of its range, values just past them)
+EDGES = [
+    ('--epsilon', ['0', '255'], ['-0.5', '255.5']),
+    ('--alpha', ['0', '255'], ['-1', '256']),
+    ('--pgd-alpha', ['0', '255'], ['-1', '256']),
+    ('--lr-max', ['1e-9', '10'], ['0', '10.5']),
+    ('--lr-peak', ['1e-9', '1'], ['0', '1.01']),
+    ('--momentum', ['0', '1'], ['-0.1', '1.01']),
+    ('--weight-decay', ['0', '1'], ['-1e-9', '1.5']),
+    ('--gamma', ['1e-9', '1'], ['0', '1.01']),
+    ('--tau0', ['1e-9', '1000'], ['0', '-1']),
+    ('--ema-value', ['1e-9', '1'], ['0', '1.01']),
+    ('--ema-decay-max', ['0', '1'], ['-0.1', '1.01']),
+    ('--mixup-alpha', ['0', '5'], ['-0.1']),
+    ('--lamda', ['0', '100'], ['-1']),
+    ('--lambda-kl-base', ['0', '3'], ['-1']),
+    ('--epochs', ['1'], ['0', '-1', '1.5']),
+    ('--batch-size', ['1'], ['0']),
+    ('--val-examples', ['0', '7'], ['-1']),
+    ('--width', ['1', '1024'], ['0', '1025']),
+    ('--seed', ['0', str(2 ** 31 - 1)], ['-1', str(2 ** 31)]),
+]
+
+
+@pytest.mark.parametrize('flag, accepted, refused', EDGES, ids=[e[0] for e in EDGES])
+def test_each_range_takes_its_edges_and_refuses_past_them(flag, accepted, refused):
+    dest = flag[2:].replace('-', '_')
+    for value in accepted:
+        args, _ = flags.parse_args('cifar10', [flag, value], strict=True)
+        assert getattr(args, dest) == float(value)
+    for value in [*refused, 'nan', 'inf', '-inf']:
+        with pytest.raises(InputError, match=f'argument {flag}'):
+            flags.parse_args('cifar10', [flag, value], strict=True)
+
+
+def test_the_cyclic_momentum_may_stay_constant_but_never_rise():
+    cyclic = ['--lr-schedule', 'cyclic', '--momentum', '0.85']
+    args, _ = flags.parse_args('cifar10', [*cyclic, '--momentum-min', '0.85'], strict=True)
+    assert (args.momentum, args.momentum_min) == (0.85, 0.85)
+    assert flags.parse_args('cifar10', cyclic, strict=True)[0].momentum_min == 0.8
+    with pytest.raises(InputError, match='--momentum 0.75: the cyclic schedule'):
+        flags.parse_args('cifar10', ['--lr-schedule', 'cyclic', '--momentum', '0.75'],
+                         strict=True)  # --momentum-min 0.8 would be a rise
+    # The multistep schedule keeps the momentum constant: --momentum-min plays no part.
+    assert flags.parse_args('cifar10', ['--momentum', '0.5'], strict=True)[0].momentum == 0.5
+
+
+def resumed(saved_argv, argv, dataset='cifar10'):
+    saved = vars(flags.parse_args(dataset, saved_argv)[0])
+    args, parser = flags.parse_args(dataset, ['--resume', 'run', *argv])
+    return flags.resumed_args(args, parser.given_flags, saved, 'run')
+
+
+def test_a_resume_keeps_the_runs_flags_and_takes_only_where_and_how_it_runs():
+    merged = resumed(['--epsilon', '16', '--lr-max', '0.05', '--seed', '3', '--data-dir', 'a'],
+                     ['--data-dir', 'b', '--out_dir', 'o', '--no-amp', '--device', 'cpu'])
+    assert (merged.epsilon, merged.alpha, merged.pgd_alpha, merged.lr_max, merged.seed) == \
+        (16, 16, 4, 0.05, 3)
+    assert (merged.data_dir, merged.out_dir, merged.amp, merged.device, merged.resume) == \
+        ('b', 'o', False, 'cpu', 'run')
+    # The same value written again is no change.
+    assert resumed(['--lr-max', '0.05'], ['--lr-max', '0.05']).lr_max == 0.05
+    for argv, message in ((['--lr-max', '0.1'], 'trained with --lr-max 0.05, not 0.1'),
+                          (['--seed', '0'], 'trained with --seed 3, not 0'),
+                          (['--method', 'fgsm_rs'], 'trained with --method mixkl')):
+        with pytest.raises(InputError, match=message):
+            resumed(['--lr-max', '0.05', '--seed', '3'], argv)
+    with pytest.raises(InputError, match='that is a CIFAR-10 run; resume it with '
+                                         'MIX_KL_CIFAR10.py'):
+        flags.resumed_args(flags.parse_args('cifar100', ['--resume', 'run'])[0], {'resume'},
+                           vars(flags.parse_args('cifar10', [])[0]), 'run')
+
+
+def test_a_config_json_value_the_parser_could_not_have_made_is_named():
+    config = vars(flags.parse_args('cifar10', [])[0])
+    assert flags.config_problems(config) == []
+    for key, value in (('epsilon', 300.0), ('epsilon', '8'), ('method', 'mixk'),
+                       ('augment', 1), ('epochs', 2.5), ('width', 0), ('lr_max', True)):
+        assert flags.config_problems(dict(config, **{key: value})) == \
+            [f'{key} {value!r}'], (key, value)

@@ -1,0 +1,124 @@
+"""runs.py: what the tables read of a run directory, checked on directories written by hand
+(every number known)."""
+import json
+import os
+
+import pytest
+
+import runs
+from conftest import write_results, write_run
+from utils import sha256_file
+
+
+def results_entry(checkpoint, digest, n=100, warned=0, **accuracies):
+    return dict(checkpoint=str(checkpoint), sha256=digest, report='r.json',
+                attacks={a: dict(accuracy=acc, n=n) for a, acc in accuracies.items()},
+                checks=[dict(verdict='warn')] * warned + [dict(verdict='pass')])
+
+
+def test_later_evaluations_come_after_earlier_ones_in_number_order_not_text_order(tmp_path):
+    for name in ('results-10.json', 'results-2.json', 'results.json', 'results-old.json',
+                 'results-3.json'):
+        (tmp_path / name).write_text('{}')
+    (tmp_path / 'sub').mkdir()
+    (tmp_path / 'sub' / 'results.json').write_text('{}')
+    assert [os.path.basename(p) for p in runs.evaluations_in(str(tmp_path))] == \
+        ['results.json', 'results-2.json', 'results-3.json', 'results-10.json']
+    assert runs.run_evaluations(str(tmp_path))[-1] == str(tmp_path / 'sub' / 'results.json')
+
+
+def test_each_attack_keeps_the_evaluation_on_most_images_and_the_latest_on_a_tie(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    best, final = run / runs.BEST, run / runs.FINAL
+    b, f = sha256_file(best), sha256_file(final)
+    evaluations = [
+        results_entry(best, b, n=1000, warned=1, clean=0.8, aa=0.40),
+        results_entry(best, b, n=10000, warned=2, aa=0.42),
+        results_entry(best, b, n=10000, aa=0.43),        # a tie: the later one
+        results_entry(best, b, n=500, aa=0.10),          # fewer images: ignored
+        results_entry(final, f, n=100, warned=3, aa=0.30),
+        results_entry(best, '0' * 64, n=99999, aa=0.99),  # other weights at that path
+    ]
+    got = runs.model_results(str(run), evaluations)
+    assert got['best']['attacks']['aa']['accuracy'] == 0.43
+    assert got['best']['attacks']['clean']['accuracy'] == 0.8
+    assert (got['best']['warnings'], got['final']['warnings']) == (2, 3)
+    assert got['final']['attacks'] == {'aa': dict(accuracy=0.30, n=100)}
+
+
+def test_a_copied_evaluation_counts_by_content_and_a_missing_model_by_its_path(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    copy = tmp_path / 'copy.pth'
+    copy.write_bytes((run / runs.BEST).read_bytes())
+    got = runs.model_results(str(run), [results_entry(copy, sha256_file(copy), aa=0.4)])
+    assert got['best']['attacks']['aa']['accuracy'] == 0.4 and got['final']['attacks'] == {}
+    # Weights not copied along with the results: the evaluated path is matched.
+    (run / runs.FINAL).unlink()
+    got = runs.model_results(str(run), [results_entry(run / runs.FINAL, 'a' * 64, aa=0.3),
+                                        results_entry(copy, 'a' * 64, aa=0.9)])
+    assert got['final']['attacks']['aa']['accuracy'] == 0.3
+
+
+def test_the_state_of_a_run_is_read_from_which_models_it_saved(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    assert runs.run_state(str(run)) == 'finished'
+    (run / runs.CHECKPOINT).write_bytes(b'')
+    assert runs.run_state(str(run)) == 'finished', 'a finished run keeps its last checkpoint'
+    (run / runs.FINAL).unlink()
+    assert runs.run_state(str(run)) == 'interrupted'
+    (run / runs.CHECKPOINT).unlink()
+    assert runs.run_state(str(run)) == 'started'
+
+
+def test_a_run_diverged_only_if_its_log_ends_saying_so(tmp_path):
+    (tmp_path / runs.LOG).write_text('[01:02] epoch 1\n[01:03] error: the run diverged: '
+                                     'non-finite loss (nan) at epoch 2. Kept: best\n')
+    assert runs.diverged(str(tmp_path)) == \
+        'error: the run diverged: non-finite loss (nan) at epoch 2. Kept: best'
+    # Resumed afterwards with a smaller learning rate and going on: not diverged any more.
+    with open(tmp_path / runs.LOG, 'a') as f:
+        f.write('[02:00] resumed from checkpoint.pth\n')
+    assert runs.diverged(str(tmp_path)) is None
+    (tmp_path / runs.LOG).unlink()
+    assert runs.diverged(str(tmp_path)) is None
+
+
+def test_a_run_reads_as_its_best_epoch_its_last_epoch_and_its_minutes(tmp_path):
+    # (seconds, eval seconds, clean, PGD): PGD peaks twice, at epochs 2 and 4: the first counts.
+    run = write_run(tmp_path, 'run', [], [(60, 30, 0.5, 0.25), (60, 30, 0.6, 0.40),
+                                          (60, 30, 0.7, 0.35), (120, 0, 0.8, 0.40),
+                                          (60, 30, 0.9, 0.30)])
+    write_results(run / 'results.json', [(run / runs.FINAL, sha256_file(run / runs.FINAL),
+                                          0.27)])
+    got = runs.read_run(str(run))
+    assert (got['best']['epoch'], got['best']['test_clean_acc']) == (2, 0.6)
+    assert (got['final']['epoch'], got['final']['test_pgd_acc']) == (5, 0.30)
+    assert got['minutes'] == pytest.approx(8.0)
+    assert got['state'] == 'finished' and got['alarm_epochs'] == []
+    assert got['results']['final']['attacks']['aa']['accuracy'] == 0.27
+    assert got['results']['best']['attacks'] == {}
+
+
+def test_the_alarm_epochs_are_those_after_which_training_logged_the_alarm(tmp_path):
+    # (FGSM, PGD) of the alarm's columns: PGD halves at epoch 3 while FGSM holds; at
+    # epoch 5 both fall (the model broke down, not overfitted); epoch 6 PGD halves again.
+    alarm = [(0.5, 0.4), (0.5, 0.4), (0.6, 0.19), (0.5, 0.2), (0.2, 0.1), (0.5, 0.1)]
+    run = write_run(tmp_path, 'run', [], [(1, 1, 0.5, 0.3, dict(alarm_fgsm_acc=f, alarm_pgd_acc=p))
+                                          for f, p in alarm])
+    assert runs.read_run(str(run))['alarm_epochs'] == [3, 6]
+
+
+def test_a_checkpoint_from_another_run_directory_is_named_field_by_field(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    config = runs.read_config(str(run))
+    args = {k: config[k] for k in runs.config_flags(config)}
+    runs.check_checkpoint_matches_config(str(run), dict(args=dict(args)))
+    # What a resume may change (where the data is, the device) may differ.
+    runs.check_checkpoint_matches_config(str(run), dict(args=dict(args, data_dir='/x',
+                                                                  device='cpu')))
+    with pytest.raises(runs.InputError, match=r': epochs, seed differ\(s\) from config.json'):
+        runs.check_checkpoint_matches_config(str(run), dict(args=dict(args, seed=4, epochs=7)))
+    config.pop('seed')
+    (run / runs.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(runs.InputError, match='seed'):
+        runs.read_config(str(run))
