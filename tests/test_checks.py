@@ -435,6 +435,12 @@ def test_the_evaluation_script_reports_the_checks(saturated_run, capsys):
         assert isinstance(check['meaning'], str) and '\n' not in check['meaning']
     assert best['checks'][-1]['numbers']['examples'] == 16
     assert 'gradients_alive' in warned(best['checks'])
+    # The checks attack at the script's radius (8/255; 64/255 for the large one), and their
+    # PGD-10 at eps is the evaluation's own: same images, step, start and seed.
+    numbers = {c['name']: c['numbers'] for c in best['checks']}
+    assert numbers['accuracy_falls_with_epsilon']['epsilon_255'] == 8
+    assert numbers['large_epsilon']['epsilon_255'] == 64
+    assert numbers['stronger_attacks']['pgd10_accuracy'] == best['attacks']['pgd10']['accuracy']
     assert final['checks'] == best['checks'], 'same file content, same checks'
     # The console: a line per check, and the count in the table.
     assert f'    WARNING gradients_alive: {best["checks"][-1]["meaning"]}' in out.splitlines()

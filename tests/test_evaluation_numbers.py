@@ -33,16 +33,19 @@ def eval_args(*flags):
 
 
 class Probe(nn.Module):
-    """A model that fails any forward in train mode and records the rows of each forward."""
+    """A model that fails any forward in train mode and records the rows (and, with
+    ``keep_inputs``, the images) of each forward."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, keep_inputs=False):
         super().__init__()
-        self.inner = inner
-        self.rows = []
+        self.inner, self.keep_inputs = inner, keep_inputs
+        self.rows, self.inputs = [], []
 
     def forward(self, x):
         assert not self.training, 'an attack ran the model in train mode'
         self.rows.append(len(x))
+        if self.keep_inputs:
+            self.inputs.append(x.detach().clone())
         return self.inner(x)
 
 
@@ -204,25 +207,34 @@ def test_pgd_stops_at_once_when_every_example_is_broken():
 
 def test_every_attack_sees_the_model_in_eval_mode_and_the_order_changes_no_number(tmp_path):
     """The model arrives in train mode; AutoAttack, first in one order, must not see it so.
-    Small steps leave the PGD numbers dependent on their random starts, so an attack that
-    drew from the random stream another one left behind would get other numbers."""
+    Each attack draws its random starts from the seed alone: in either order it forwards
+    the very same images, bitwise, and so reports the same numbers."""
     model, X, y = random_linear_problem(classes=10, n=16, seed=3)
     y = model(X).argmax(1)
     orders = [['aa', 'cw20', 'pgd50', 'pgd20', 'pgd10', 'clean'],
               ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa']]
     flags = ['--epsilon', 6, '--alpha', 0.1, '--restarts', 2, '--batch_size', 16]
-    runs = []
+    runs, forwarded = [], []
     for order in orders:
-        probe = Probe(model).train()
+        probe = Probe(model, keep_inputs=True).train()
+        ends = {}  # attack -> how many forwards had run when it ended
         args = eval_args(*flags, '--attacks', ','.join(order))
-        runs.append(evaluate.evaluate_checkpoint(probe, X, y, args, str(tmp_path / 'linear')))
+        runs.append(evaluate.evaluate_checkpoint(
+            probe, X, y, args, str(tmp_path / 'linear'),
+            after_each=lambda results: ends.setdefault(list(results)[-1], len(probe.inputs))))
+        starts = dict(zip(order, [0] + [ends[name] for name in order[:-1]]))
+        forwarded.append({name: probe.inputs[starts[name]:ends[name]] for name in order})
     numbers = [{name: results[name]['correct'] for name in orders[1]} for results in runs]
     assert numbers[0] == numbers[1]
-    # Another seed gives other starts and, with these small steps, other numbers.
-    other = evaluate.evaluate_checkpoint(Probe(model), X, y, eval_args(
-        *flags, '--attacks', 'pgd10,pgd20', '--seed', 1), 'unused')
-    assert {n: other[n]['correct'] for n in ('pgd10', 'pgd20')} != \
-        {n: numbers[0][n] for n in ('pgd10', 'pgd20')}
+    for name in orders[1]:
+        first, second = forwarded[0][name], forwarded[1][name]
+        assert len(first) == len(second) > 0, name
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), name
+    # Another seed gives other random starts.
+    probe = Probe(model, keep_inputs=True)
+    evaluate.evaluate_checkpoint(probe, X, y, eval_args(*flags, '--attacks', 'pgd10', '--seed', 1),
+                                 'unused')
+    assert not torch.equal(probe.inputs[0], forwarded[0]['pgd10'][0])
     check_recorded_settings(runs[0])
 
 
