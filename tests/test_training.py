@@ -350,6 +350,39 @@ def resume(tmp, run_dir, *flags, data='data'):
     return training.Trainer(*tiny_args(tmp, '--resume', run_dir, *flags, data=data))
 
 
+def test_a_resumed_trainer_holds_everything_its_checkpoint_saved(tiny_run):
+    """Best accuracy so far, history, epoch statistics, position, teacher updates, weights,
+    optimiser: a resume that forgot one (best_pgd: a worse epoch would overwrite
+    best_model.pth) would not continue the run."""
+    tmp, run_dir = tiny_run
+    saved = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
+    assert saved['best_pgd'] >= 0 and len(saved['history']) == 2
+    trainer = resume(tmp, run_dir)
+    try:
+        assert (trainer.best_pgd, trainer.history, trainer.stats, trainer.epoch, trainer.step,
+                trainer.teacher.updates) == (saved['best_pgd'], saved['history'], saved['stats'],
+                                             saved['epoch'], saved['step'],
+                                             saved['teacher_updates'])
+        for model, key in ((trainer.student, 'student'), (trainer.teacher.model, 'teacher')):
+            assert all(torch.equal(v, saved[key][k]) for k, v in model.state_dict().items())
+        assert trainer.optimizer.state_dict()['param_groups'] == \
+            saved['optimizer']['param_groups']
+        assert trainer.scheduler.state_dict() == saved['scheduler']
+    finally:
+        trainer.release()
+
+
+def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    with pytest.raises(InputError, match='--val-examples 32 leaves no training images '
+                                         r'\(there are 32\)'):
+        training.Trainer(*tiny_args(tmp_path, '--val-examples', '32'))
+    assert not os.listdir(tmp_path / 'output'), 'refused before a run directory is made'
+    trainer = training.Trainer(*tiny_args(tmp_path, '--val-examples', '31'))
+    trainer.release()
+    assert (len(trainer.train_loader.labels), len(trainer.eval_loader.labels)) == (1, 31)
+
+
 def test_a_resume_refuses_a_given_flag_that_differs_even_when_it_is_the_default(tiny_run):
     tmp, run_dir = tiny_run
     with pytest.raises(InputError, match='the run was trained with --lr-max 0.05, not 0.1'):
