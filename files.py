@@ -277,9 +277,10 @@ def read_file(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise InputError(f'{one_line(path)}: cannot be read ({e.strerror or e})')
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory
+        os.close(fd)
+        raise InputError(f'{one_line(path)}: not a regular file')
     with os.fdopen(fd, 'rb') as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(f'{one_line(path)}: not a regular file')
         try:
             return f.read()
         except OSError as e:
