@@ -2,6 +2,7 @@
 what a resume keeps and what it may change."""
 import pytest
 
+import cli
 import flags
 from utils import InputError
 
@@ -103,3 +104,28 @@ def test_a_config_json_value_the_parser_could_not_have_made_is_named():
                        ('augment', 1), ('epochs', 2.5), ('width', 0), ('lr_max', True)):
         assert flags.config_problems(dict(config, **{key: value})) == \
             [f'{key} {value!r}'], (key, value)
+
+
+def test_the_exit_rules_give_each_failure_its_status_and_one_line(capsys):
+    assert cli.exit_status(lambda: 3) == 3 and cli.exit_status(lambda: None) == 0
+    assert capsys.readouterr().err == ''
+
+    def bad_input():
+        raise InputError('--n_ex 0:\nnot a count')
+    assert cli.exit_status(bad_input) == 2
+    assert capsys.readouterr().err == 'error: --n_ex 0: not a count\n'
+
+    def full_disk():
+        raise OSError(28, 'No space left on device', '/out/results.json')
+    assert cli.exit_status(full_disk) == 1
+    assert capsys.readouterr().err == ('error: /out/results.json: No space left on device; '
+                                       'nothing was left half-written\n')
+
+
+def test_amp_and_channels_last_default_on_for_cuda_only():
+    assert [cli.cuda_default(d) for d in ('cuda', 'cuda:1', 'cpu', None)] == \
+        [True, True, False, False]
+    assert cli.check_device('cpu').type == 'cpu'
+    for name, message in (('cpu:1', 'one CPU device'), ('mps', 'not mps'), ('x', 'not a device')):
+        with pytest.raises(InputError, match=message):
+            cli.check_device(name)
