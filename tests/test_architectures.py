@@ -51,6 +51,77 @@ def test_each_architecture_maps_images_to_logits_and_its_features(arch, size):
         assert (features >= 0).all(), 'after the last ReLU (WideResNet: its final BN-ReLU)'
 
 
+# Each network re-typed as plain functions of its state_dict, from the papers (He et al. 2016,
+# both variants; Zagoruyko & Komodakis 2016 as RobustBench names it), eval mode.
+
+def reference_forward(arch, sd, x, normalization=None):
+    """(logits, features) as the published network computes them from the weights ``sd``."""
+    def conv(x, name, stride=1, padding=1):
+        return F.conv2d(x, sd[f'{name}.weight'], stride=stride, padding=padding)
+
+    def bn(x, name):
+        return F.batch_norm(x, sd[f'{name}.running_mean'], sd[f'{name}.running_var'],
+                            sd[f'{name}.weight'], sd[f'{name}.bias'], False, 0.0, 1e-5)
+
+    def preact_block(x, p, stride, projection):
+        out = F.relu(bn(x, f'{p}.bn1'))
+        shortcut = conv(out, f'{p}.shortcut.0', stride, 0) if projection else x
+        out = conv(out, f'{p}.conv1', stride)
+        return conv(F.relu(bn(out, f'{p}.bn2')), f'{p}.conv2') + shortcut
+
+    def basic_block(x, p, stride, projection):
+        out = F.relu(bn(conv(x, f'{p}.conv1', stride), f'{p}.bn1'))
+        out = bn(conv(out, f'{p}.conv2'), f'{p}.bn2')
+        shortcut = bn(conv(x, f'{p}.shortcut.0', stride, 0), f'{p}.shortcut.1') \
+            if projection else x
+        return F.relu(out + shortcut)
+
+    def wide_block(x, p, stride, projection):
+        out = F.relu(bn(x, f'{p}.bn1'))
+        shortcut = conv(out, f'{p}.convShortcut', stride, 0) if projection else x
+        out = conv(F.relu(bn(conv(out, f'{p}.conv1', stride), f'{p}.bn2')), f'{p}.conv2')
+        return out + shortcut
+
+    if normalization is not None:
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization)
+        x = (x - mean) / std
+    if arch == 'wrn34-10':
+        out = conv(x, 'conv1')
+        for stage, stride in ((1, 1), (2, 2), (3, 2)):
+            for i in range(5):
+                out = wide_block(out, f'block{stage}.layer.{i}', stride if i == 0 else 1, i == 0)
+        features = F.avg_pool2d(F.relu(bn(out, 'bn1')), 8).flatten(1)
+        return F.linear(features, sd['fc.weight'], sd['fc.bias']), features
+    block = preact_block if arch == 'preactresnet18' else basic_block
+    out = conv(x, 'conv1') if arch == 'preactresnet18' else F.relu(bn(conv(x, 'conv1'), 'bn1'))
+    for stage in range(1, 5):
+        for i in range(2):
+            first = i == 0 and stage > 1
+            out = block(out, f'layer{stage}.{i}', 2 if first else 1, first)
+    features = F.avg_pool2d(out, 4).flatten(1)
+    return F.linear(features, sd['linear.weight'], sd['linear.bias']), features
+
+
+@pytest.mark.parametrize('arch, size', [(a, 32) for a in models.ARCHS] + [('preactresnet18', 64)])
+def test_each_network_computes_the_published_forward(arch, size):
+    torch.manual_seed(1)
+    normalization = models.NORMALIZATION['tinyimagenet'] if size == 64 else None
+    # WideResNet at widen factor 2: its first block widens 16 to 32 channels (a projection).
+    width = 2 if arch == 'wrn34-10' else SMALL[arch]
+    model = models.build_model(arch, 5, width, size, normalization).eval()
+    # Every BatchNorm far from the identity, so that each one's place shows in the output.
+    state = {k: (v.uniform_(0.5, 2.0) if k.endswith(('running_var', '.weight')) and v.dim() == 1
+                 else v.uniform_(-0.5, 0.5) if k.endswith(('running_mean', '.bias')) else v)
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        logits, features = model(x, return_features=True)
+        expected_logits, expected_features = reference_forward(arch, state, x, normalization)
+    torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+
+
 def test_the_full_size_networks_have_their_published_sizes():
     def parameters(arch):
         return sum(p.numel() for p in models.build_model(arch, 10).parameters())
