@@ -121,6 +121,18 @@ def test_load_cifar_reads_the_pickle_layout(tmp_path, capsys, dataset, classes):
     assert 'not the official' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('dataset, num_classes, classes', [('cifar10', None, 10),
+                                                         ('cifar100', None, 100),
+                                                         ('cifar10', 3, 3)])
+def test_synthetic_cifar_draws_every_class_in_both_splits(tmp_path, dataset, num_classes,
+                                                          classes):
+    write_synthetic_cifar(str(tmp_path), dataset, n_train=3000, n_test=1000, seed=4,
+                          num_classes=num_classes)
+    for train in (True, False):
+        _, y = load_cifar(dataset, str(tmp_path), train=train)
+        assert sorted(set(y.tolist())) == list(range(classes))
+
+
 def rewrite_batch(tmp_path, changes, name='data_batch_2', protocol=2):
     """Rewrite one CIFAR-10 batch file with ``changes`` to its dict, in pickle ``protocol``."""
     path = os.path.join(tmp_path, 'cifar-10-batches-py', name)
