@@ -133,6 +133,31 @@ def test_synthetic_cifar_draws_every_class_in_both_splits(tmp_path, dataset, num
         assert sorted(set(y.tolist())) == list(range(classes))
 
 
+def test_the_official_file_names_and_label_keys_are_read(tmp_path):
+    """Written by hand as the releases are (not through DATASETS): CIFAR-10's data_batch_1..5
+    and test_batch with 'labels'; CIFAR-100's train and test with 'fine_labels' (100
+    classes) beside 'coarse_labels' (20 superclasses), which must not be read."""
+    rng = np.random.default_rng(0)
+
+    def write(path, n, **labels):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        batch = {'batch_label': 'x', 'filenames': [f'{i}.png' for i in range(n)],
+                 'data': rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), **labels}
+        with open(path, 'wb') as f:
+            pickle.dump(batch, f, protocol=2)
+    c10 = tmp_path / 'c10' / 'cifar-10-batches-py'
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        write(str(c10 / name), 4, labels=[int(name[-1]) if name[-1].isdigit() else 7] * 4)
+    assert load_cifar('cifar10', str(tmp_path / 'c10'), train=True)[1].tolist() == \
+        [i for i in range(1, 6) for _ in range(4)]
+    assert load_cifar('cifar10', str(tmp_path / 'c10'), train=False)[1].tolist() == [7] * 4
+    c100 = tmp_path / 'c100' / 'cifar-100-python'
+    for name, fine in (('train', [99, 50, 3]), ('test', [42, 0, 98])):
+        write(str(c100 / name), 3, fine_labels=fine, coarse_labels=[f // 5 for f in fine])
+    assert load_cifar('cifar100', str(tmp_path / 'c100'), train=True)[1].tolist() == [99, 50, 3]
+    assert load_cifar('cifar100', str(tmp_path / 'c100'), train=False)[1].tolist() == [42, 0, 98]
+
+
 def rewrite_batch(tmp_path, changes, name='data_batch_2', protocol=2):
     """Rewrite one CIFAR-10 batch file with ``changes`` to its dict, in pickle ``protocol``."""
     path = os.path.join(tmp_path, 'cifar-10-batches-py', name)
