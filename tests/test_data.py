@@ -126,7 +126,7 @@ def test_load_cifar_reads_the_pickle_layout(tmp_path, capsys, dataset, classes):
                                                          ('cifar10', 3, 3)])
 def test_synthetic_cifar_draws_every_class_in_both_splits(tmp_path, dataset, num_classes,
                                                           classes):
-    write_synthetic_cifar(str(tmp_path), dataset, n_train=3000, n_test=1000, seed=4,
+    write_synthetic_cifar(str(tmp_path), dataset, n_train=1000, n_test=1000, seed=4,
                           num_classes=num_classes)
     for train in (True, False):
         _, y = load_cifar(dataset, str(tmp_path), train=train)
