@@ -1,0 +1,196 @@
+"""grid.py without running anything: its flags, combinations and slots, the next step of
+each combination and the table, on grid directories written by hand (every number known)."""
+import csv
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+import flags
+import grid
+import runs
+from conftest import table_rows, write_results, write_run
+from utils import sha256_file
+
+
+def test_flags_are_read_with_and_without_an_equals_sign():
+    assert grid.split_flags(['--epsilon=8', '--method', 'mixkl', 'fgsm_rs', '--no-augment',
+                             '--seed', '0', '--lr-max=0.05']) == [
+        ('--epsilon', ['8']), ('--method', ['mixkl', 'fgsm_rs']), ('--no-augment', []),
+        ('--seed', ['0']), ('--lr-max', ['0.05'])]
+
+
+def test_step_sizes_follow_epsilon_and_an_explicit_flag_wins():
+    def parsed(*argv):
+        return flags.parse_args('cifar10', list(argv))[0]
+    for method, at_8 in (('mixkl', 8), ('n_fgsm', 8), ('fgsm_rs', 10), ('pgd_at', 2)):
+        assert parsed('--method', method).alpha == at_8, 'at eps 8: the values of before'
+        assert parsed('--method', method, '--epsilon', '16').alpha == 2 * at_8
+    assert parsed().pgd_alpha == 2 and parsed('--epsilon', '32').pgd_alpha == 8
+    assert parsed('--epsilon', '32', '--alpha', '5', '--pgd-alpha', '3').alpha == 5
+    assert parsed('--epsilon', '32', '--pgd-alpha', '3').pgd_alpha == 3
+
+
+def test_the_table_rows_put_numbers_in_numeric_order():
+    assert sorted([16.0, 8.0, 4.5], key=grid.sort_key) == [4.5, 8.0, 16.0]
+    assert grid.percent_pm(0.41234, 0.0052) == '41.23 ± 0.52'
+    assert grid.percent_pm(0.5, None) == '50.00' and grid.percent_pm(None, None) == '-'
+    assert grid.mean_std([0.2]) == (0.2, None)
+
+
+def test_asking_for_slurm_without_submitit_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'submitit', None)  # import submitit now fails
+    parsed, _ = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--slurm',
+                            'slurm'])
+    with pytest.raises(grid.InputError, match='pip install submitit'):
+        grid.submitit_executor(parsed)
+
+
+def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
+    parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
+                                             '--gpus', '0,1,2,3', '--gpus-per-run', '2'])
+    slots = grid.local_slots(parsed)
+    assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in slots] == ['0,1', '2,3']
+    assert grid.command(['MIX_KL_CIFAR10.py', '--seed', '1'], slots[0])[1:5] == \
+        ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
+                                             '--parallel', '2'])
+    assert [s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)] == \
+        [str(max(1, os.cpu_count() // 2))] * 2
+    assert grid.command(['a.py'], grid.Slot()) == [sys.executable, 'a.py']
+
+
+# ---------------------------------------------------------------------------
+# The table and the next step, on grids written by hand: every number is known
+
+def hand_made_grid(out, plan):
+    """A grid directory as grid.py leaves it, without training: ``plan`` maps
+    (method, epsilon, seed) to None (no run: it failed before training) or to
+    (status, AutoAttack accuracy of best, of final, warned checks, alarm fired, minutes)."""
+    combos = grid.parse(['--dataset', 'cifar10', '--out_dir', str(out), '--method', 'mixkl',
+                         'fgsm_rs', '--epsilon', '8', '16', '--seed', '0', '1', '2'])[1]
+    for combo in combos:
+        c = combo.config
+        entry = plan.get((c['method'], c['epsilon'], c['seed']))
+        folder = combo.folder(str(out))
+        os.makedirs(folder)
+        if entry is None:
+            grid.write_record(folder, combo, status='failed', exit_code=1)
+            continue
+        status, best_aa, final_aa, warned, alarm, minutes = entry
+        grid.write_record(folder, combo, status=status)
+        # Two epochs; the alarm's columns fire after the second when asked to.
+        metrics = [(minutes * 20, minutes * 10, 0.5, 0.3, dict(alarm_fgsm_acc=0.5,
+                                                                alarm_pgd_acc=0.4)),
+                   (minutes * 20, minutes * 10, 0.6, 0.35,
+                    dict(alarm_fgsm_acc=0.5, alarm_pgd_acc=0.1 if alarm else 0.4))]
+        run = write_run(out / 'runs' / combo.name, 'run', combo.argv, metrics)
+        write_results(run / 'results.json', [(run / name, sha256_file(run / name), aa)
+                                             for name, aa in ((runs.BEST, best_aa),
+                                                              (runs.FINAL, final_aa))])
+        report = json.loads((run / 'results.json').read_text())
+        report['results'][0]['checks'] = [dict(name='c', verdict='warn', numbers={},
+                                               meaning='.')] * warned
+        (run / 'results.json').write_text(json.dumps(report))
+        if status == 'diverged':  # stopped in its last epoch: no final model, a checkpoint
+            (run / runs.FINAL).unlink()
+            (run / runs.CHECKPOINT).write_bytes(b'')
+    return combos
+
+
+def test_the_table_of_a_grid_is_the_mean_and_std_of_each_configurations_seeds(tmp_path):
+    plan = {}
+    for m, method in enumerate(('mixkl', 'fgsm_rs')):
+        for e, eps in enumerate((8.0, 16.0)):
+            for seed in range(3):
+                plan[method, eps, seed] = ('done', 0.5 - 0.1 * m - 0.2 * e + 0.01 * seed,
+                                           0.45 - 0.1 * m - 0.2 * e - 0.02 * seed, seed,
+                                           seed == 2 and method == 'fgsm_rs', 1.0 + seed)
+    plan['mixkl', 16.0, 1] = None  # failed before its first checkpoint
+    plan['fgsm_rs', 8.0, 0] = ('diverged', 0.1, 0.1, 0, False, 1.0)
+    hand_made_grid(tmp_path, plan)
+
+    columns, rows = grid.table(str(tmp_path), ['clean', 'aa'])
+
+    assert columns == ['method', 'epsilon']
+    # Numbers in numeric order (8 before 16), text in text order.
+    assert [(r['method'], r['epsilon']) for r in rows] == [
+        ('fgsm_rs', 8.0), ('fgsm_rs', 16.0), ('mixkl', 8.0), ('mixkl', 16.0)]
+    for row in rows:
+        key = (row['method'], row['epsilon'])
+        # Only finished runs are seeds: not the diverged one, whose best model was evaluated.
+        done = [v for (m, e, _), v in sorted(plan.items()) if (m, e) == key and v
+                and v[0] == 'done']
+        assert row['seeds'] == len(done)
+        for i, model in ((1, 'best'), (2, 'final')):
+            values = [v[i] for v in done]
+            assert row[f'{model}_aa_mean'] == pytest.approx(statistics.mean(values))
+            assert row[f'{model}_aa_std'] == pytest.approx(statistics.stdev(values))
+            assert row[f'{model}_clean_mean'] == pytest.approx(0.9)
+        assert row['minutes'] == pytest.approx(statistics.mean(v[5] for v in done))
+        assert row['checks_warned'] == sum(v[3] for v in done)
+        assert row['co'] == sum(1 for v in done if v[4])
+        assert row['failed'] == sum(1 for (m, e, _), v in plan.items() if (m, e) == key and not v)
+        assert row['diverged'] == sum(1 for (m, e, _), v in plan.items()
+                                      if (m, e) == key and v and v[0] == 'diverged')
+    assert [r['seeds'] for r in rows] == [2, 3, 3, 2]
+    assert [r['co'] for r in rows] == [1, 1, 0, 0]
+    assert [r['failed'] for r in rows] == [0, 0, 0, 1] and rows[0]['diverged'] == 1
+
+    text = grid.markdown(columns, rows, ['clean', 'aa'])
+    cells = table_rows(text.split('\n\n')[0])
+    row = rows[2]
+    assert cells[2] == {
+        'method': 'mixkl', 'epsilon': '8', 'seeds': '3',
+        'best clean': '90.00 ± 0.00', 'best AutoAttack': grid.percent_pm(row['best_aa_mean'],
+                                                                        row['best_aa_std']),
+        'final clean': '90.00 ± 0.00', 'final AutoAttack': '43.00 ± 2.00',
+        'minutes': '2.0', 'co': '0', 'checks warned': '3', 'failed': '-'}
+    assert cells[2]['best AutoAttack'] == '51.00 ± 1.00'
+    assert (cells[0]['failed'], cells[3]['failed']) == ('1 diverged', '1 failed')
+    with_csv = list(csv.DictReader(grid.csv_text(columns, rows, ['clean', 'aa']).splitlines()))
+    assert [float(r['best_aa_mean']) for r in with_csv] == \
+        pytest.approx([r['best_aa_mean'] for r in rows])
+
+
+def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
+    plan = {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
+            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+    combos = hand_made_grid(tmp_path / 'g', plan)
+    parsed = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'g'),
+                         '--data-dir', str(tmp_path / 'd'), '--device', 'cpu',
+                         '--attacks', 'clean,aa', '--n_ex', '64'])[0]
+    combo = next(c for c in combos if c.config['epsilon'] == 16.0)
+    run_dir = grid.run_dir_of(combo.folder(parsed.out_dir))
+    assert grid.next_step(combo, parsed) is None, 'trained and evaluated for clean and aa'
+
+    parsed.attacks = ['clean', 'aa', 'pgd20']  # an attack added later: evaluated again
+    stage, argv = grid.next_step(combo, parsed)
+    assert stage == 'evaluate' and argv[0].endswith('test_cifar10.py')
+    assert argv[1:] == ['--model_path', run_dir, '--out_dir', run_dir, '--epsilon', '16',
+                        '--attacks', 'clean,aa,pgd20', '--n_ex', '64',
+                        '--data-dir', str(tmp_path / 'd'), '--device', 'cpu']
+    # Only the best model evaluated for pgd20: still to do.
+    path = os.path.join(run_dir, 'results-2.json')
+    best = os.path.join(run_dir, runs.BEST)
+    report = dict(results=[dict(checkpoint=best, sha256=sha256_file(best),
+                                attacks={'pgd20': dict(accuracy=0.3, n=64)})])
+    with open(path, 'w') as f:
+        json.dump(report, f)
+    assert grid.next_step(combo, parsed)[0] == 'evaluate'
+    assert not grid.evaluated(run_dir, ['pgd20']) and grid.evaluated(run_dir, ['aa'])
+
+    # Killed before its end: a checkpoint and no final model.
+    os.remove(os.path.join(run_dir, runs.FINAL))
+    open(os.path.join(run_dir, runs.CHECKPOINT), 'wb').close()
+    stage, argv = grid.next_step(combo, parsed)
+    assert (stage, argv[1:]) == ('resume', ['--resume', run_dir, '--data-dir',
+                                            str(tmp_path / 'd'), '--device', 'cpu'])
+    os.remove(os.path.join(run_dir, runs.CHECKPOINT))
+    stage, argv = grid.next_step(combo, parsed)
+    assert stage == 'train' and not os.path.exists(run_dir), 'a run that never saved is removed'
+    assert argv[1:] == [*combo.argv, '--out_dir', combo.folder(parsed.out_dir),
+                        '--data-dir', str(tmp_path / 'd'), '--device', 'cpu']
+    assert '--epsilon' in argv and argv[argv.index('--epsilon') + 1] == '16'
