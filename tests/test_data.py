@@ -185,6 +185,14 @@ def test_label_out_of_range_is_reported_with_the_file(tmp_path):
         load_cifar('cifar10', str(tmp_path), train=True)
 
 
+@pytest.mark.parametrize('labels', [9, 11])
+def test_a_label_count_other_than_the_image_count_is_reported(tmp_path, labels):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'labels': [3] * labels})
+    with pytest.raises(InputError, match=f'{path}: 10 images but {labels} labels'):
+        load_cifar('cifar10', str(tmp_path), train=True)
+
+
 def test_wrong_array_shape_is_reported(tmp_path):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
     rewrite_batch(tmp_path, {'data': np.zeros((10, 1024), np.uint8)})
