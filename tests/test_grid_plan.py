@@ -194,3 +194,18 @@ def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
     assert argv[1:] == [*combo.argv, '--out_dir', combo.folder(parsed.out_dir),
                         '--data-dir', str(tmp_path / 'd'), '--device', 'cpu']
     assert '--epsilon' in argv and argv[argv.index('--epsilon') + 1] == '16'
+
+
+def test_the_grid_figure_plots_each_seeds_per_epoch_pgd_accuracy(tmp_path):
+    plan = {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
+            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+    plan['mixkl', 16.0, 2] = None
+    hand_made_grid(tmp_path, plan)
+    columns, rows = grid.table(str(tmp_path), ['clean'])
+    series = grid.plot_series(columns, rows)
+    assert [(s['panel'], s['label']) for s in series] == [
+        (('CIFAR-10', 8.0), 'method=fgsm_rs'), (('CIFAR-10', 16.0), 'method=fgsm_rs'),
+        (('CIFAR-10', 8.0), 'method=mixkl'), (('CIFAR-10', 16.0), 'method=mixkl')]
+    # hand_made_grid's metrics.csv: test PGD accuracy 0.3, then 0.35 (clean 0.5, 0.6).
+    assert [s['runs'] for s in series] == [[[0.3, 0.35]] * 3] * 3 + [[[0.3, 0.35]] * 2]
+    assert {(s['attack'], s['split']) for s in series} == {('PGD-10', 'test')}
