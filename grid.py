@@ -289,6 +289,13 @@ def write_record(folder, combo, **entries):
     return record
 
 
+def ended_for_good(record, grid):
+    """True for a combination whose run failed or diverged, unless --retry-failed runs a
+    failed one again (a diverged run would diverge again: it is never rerun)."""
+    status = record.get('status')
+    return status == 'diverged' or (status == 'failed' and not grid.retry_failed)
+
+
 def outcome(stage, code, folder):
     """What a script's exit status means for the run: 'interrupted' (stopped by a signal,
     resumes), 'diverged' (training's status 1 after a divergence) or 'failed'."""
@@ -467,8 +474,7 @@ class LocalGrid:
 
     def _start(self, combo, folder, lock_file):
         record = read_record(folder)
-        if record.get('status') in ('failed', 'diverged') and not (
-                self.grid.retry_failed and record['status'] == 'failed'):
+        if ended_for_good(record, self.grid):
             self.report.finished(combo, record['status'], record.get('message', ''))
             return False
         step = next_step(combo, self.grid)
@@ -603,8 +609,7 @@ def run_on_cluster(grid, combos, report):
         folder = combo.folder(grid.out_dir)
         os.makedirs(folder, exist_ok=True)
         record = read_record(folder)
-        if record.get('status') in ('failed', 'diverged') and not (
-                grid.retry_failed and record['status'] == 'failed'):
+        if ended_for_good(record, grid):
             report.finished(combo, record['status'], record.get('message', ''))
             continue
         if next_step(combo, grid) is None:

@@ -257,6 +257,35 @@ def test_each_judgement_warns_on_numbers_that_must_warn(judge, numbers, verdict)
     assert meaning and '\n' not in meaning
 
 
+def test_each_checks_numbers_are_counted_from_the_attacks_per_example_results():
+    """Per-example results given by hand (True: still correct), in the probe's cache of
+    attacks, so every count the checks report is known."""
+    y = torch.tensor([0, 0, 0, 1, 2, 1])
+    probe = checks.Probe(nn.Identity(), torch.zeros(6, 3, 2, 2), y, 8 / 255, 0, 6, SMALL)
+    eps, large = 8 / 255, checks.large_radius(8 / 255)
+    given = {('clean', None, None): [1, 1, 1, 1, 1, 0],
+             ('fgsm', eps, None): [1, 1, 0, 1, 1, 0],
+             ('pgd', eps, 10): [1, 0, 0, 1, 1, 0],
+             ('pgd', eps, 50): [1, 1, 1, 0, 1, 0],  # two broken by PGD-10 that PGD-50 keeps
+             ('pgd', eps / 2, 10): [1, 1, 0, 1, 1, 0],
+             ('pgd', 2 * eps, 10): [1, 0, 1, 0, 0, 0],  # one kept that eps broke
+             ('pgd', large, 10): [1, 1, 0, 1, 0, 0]}  # class 0 twice, class 1 once
+    probe.cache = {key: torch.tensor(v, dtype=torch.bool) for key, v in given.items()}
+    assert checks.measure_stronger_attacks(probe) == pytest.approx(dict(
+        examples=6, fgsm_accuracy=4 / 6, pgd10_accuracy=3 / 6, pgd50_accuracy=4 / 6,
+        broken_by_pgd10_not_pgd50=2, fgsm_correct=4, pgd10_correct=3))
+    assert checks.measure_catastrophic_overfitting(probe) == pytest.approx(dict(
+        examples=6, fgsm_accuracy=4 / 6, pgd50_accuracy=4 / 6))
+    assert checks.measure_accuracy_falls_with_epsilon(probe) == pytest.approx(dict(
+        examples=6, epsilon_255=8.0, clean_accuracy=5 / 6, accuracy_half_eps=4 / 6,
+        accuracy_eps=3 / 6, accuracy_double_eps=2 / 6,
+        # The third image, broken at eps/2 and at eps, is kept at 2 eps: counted twice.
+        broken_at_smaller_not_larger=2))
+    assert checks.measure_large_epsilon(probe) == pytest.approx(dict(
+        examples=6, epsilon_255=64.0, accuracy=3 / 6, class_kept_most=0,
+        accuracy_other_classes=1 / 6))
+
+
 def test_each_check_is_judged_on_numbers_that_warn_and_numbers_that_pass():
     judged = {(judge, verdict) for judge, _, verdict in JUDGEMENTS}
     assert judged == {(judge, v) for _, _, judge in checks.CHECKS for v in ('pass', 'warn')}

@@ -84,6 +84,14 @@ def test_a_resume_keeps_the_runs_flags_and_takes_only_where_and_how_it_runs():
         (16, 16, 4, 0.05, 3)
     assert (merged.data_dir, merged.out_dir, merged.amp, merged.device, merged.resume) == \
         ('b', 'o', False, 'cpu', 'run')
+    # Flags that came later keep the run's own values (not what runs from before them had).
+    merged = resumed(['--arch', 'resnet18', '--val-examples', '10', '--lr-peak', '0.3',
+                      '--no-augment', '--ema-decay-max', '0.5', '--con-reference', 'start',
+                      '--attack-iters', '3', '--lr-schedule', 'cyclic', '--momentum-min', '0.7'],
+                     [])
+    assert (merged.arch, merged.val_examples, merged.lr_peak, merged.augment,
+            merged.ema_decay_max, merged.con_reference, merged.attack_iters,
+            merged.momentum_min) == ('resnet18', 10, 0.3, False, 0.5, 'start', 3, 0.7)
     # The same value written again is no change.
     assert resumed(['--lr-max', '0.05'], ['--lr-max', '0.05']).lr_max == 0.05
     for argv, message in ((['--lr-max', '0.1'], 'trained with --lr-max 0.05, not 0.1'),

@@ -209,3 +209,25 @@ def test_the_grid_figure_plots_each_seeds_per_epoch_pgd_accuracy(tmp_path):
     # hand_made_grid's metrics.csv: test PGD accuracy 0.3, then 0.35 (clean 0.5, 0.6).
     assert [s['runs'] for s in series] == [[[0.3, 0.35]] * 3] * 3 + [[[0.3, 0.35]] * 2]
     assert {(s['attack'], s['split']) for s in series} == {('PGD-10', 'test')}
+
+
+@pytest.mark.parametrize('retry', [False, True])
+def test_retry_failed_runs_a_failed_combination_again_never_a_diverged_one(tmp_path, retry):
+    plan = {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
+            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+    combos = hand_made_grid(tmp_path, plan)
+    parsed = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--attacks',
+                         'clean,aa', *(['--retry-failed'] if retry else [])])[0]
+    ended = {combos[0].name: 'failed', combos[1].name: 'diverged'}
+    for combo in combos[:2]:
+        grid.write_record(combo.folder(str(tmp_path)), combo, status=ended[combo.name])
+    local = grid.LocalGrid(parsed, combos[:3], grid.Report(combos[:3]))
+    for combo in combos[:3]:
+        folder = combo.folder(str(tmp_path))
+        # Nothing is started: the runs are trained and evaluated, or ended for good.
+        assert local._start(combo, folder, grid.lock(folder)) is False
+    statuses = [grid.read_record(c.folder(str(tmp_path)))['status'] for c in combos[:3]]
+    assert statuses == ['done' if retry else 'failed', 'diverged', 'done']
+    assert grid.ended_for_good({'status': 'failed'}, parsed) is not retry
+    assert grid.ended_for_good({'status': 'diverged'}, parsed)
+    assert not grid.ended_for_good({'status': 'done'}, parsed)

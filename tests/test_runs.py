@@ -122,3 +122,14 @@ def test_a_checkpoint_from_another_run_directory_is_named_field_by_field(tmp_pat
     (run / runs.CONFIG).write_text(json.dumps(config))
     with pytest.raises(runs.InputError, match='seed'):
         runs.read_config(str(run))
+
+
+def test_accuracies_of_0_and_1_are_read_and_anything_past_them_refused(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 1.0, 0.0, dict(train_acc=1.0, alarm_fgsm_acc=0.0,
+                                                                alarm_pgd_acc=1.0))])
+    row, = runs.read_metrics(str(run))
+    assert (row['test_clean_acc'], row['test_pgd_acc'], row['train_acc']) == (1.0, 0.0, 1.0)
+    for value in (1.0001, -0.0001):
+        bad = write_run(tmp_path, f'bad{value}', [], [(60, 0, value, 0.5)])
+        with pytest.raises(runs.InputError, match='test_clean_acc not an accuracy in'):
+            runs.read_metrics(str(bad))

@@ -86,6 +86,19 @@ def test_val_split_takes_its_labels_from_the_annotations(tmp_path):
                                        for n in names]))
 
 
+@pytest.mark.parametrize('classes', [200, 201])
+def test_the_classes_are_the_200_of_the_release_at_most(tmp_path, classes):
+    wnids = [f'n{i:08d}' for i in range(classes, 0, -1)]
+    for wnid in wnids:
+        os.makedirs(tmp_path / 'train' / wnid / 'images')
+    (tmp_path / 'wnids.txt').write_text('\n'.join(wnids) + '\n')
+    if classes == 200:
+        assert tinyimagenet.read_classes(str(tmp_path)) == sorted(wnids)
+    else:
+        with pytest.raises(InputError, match='201 classes; Tiny-ImageNet-200 has at most 200'):
+            tinyimagenet.read_classes(str(tmp_path))
+
+
 def test_without_wnids_txt_the_classes_are_the_sorted_train_folders(tmp_path):
     make(tmp_path / 'listed', seed=3)
     make(tmp_path / 'unlisted', seed=3, wnids_file=False)
