@@ -133,6 +133,15 @@ def test_synthetic_cifar_draws_every_class_in_both_splits(tmp_path, dataset, num
         assert sorted(set(y.tolist())) == list(range(classes))
 
 
+def test_synthetic_cifar_holds_every_image_asked_for_across_its_files(tmp_path):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=53, n_test=7, seed=1)
+    x, _ = load_cifar('cifar10', str(tmp_path), train=True)
+    counts = [len(pickle.load(open(tmp_path / 'cifar-10-batches-py' / f'data_batch_{i}',
+                                   'rb'))['labels']) for i in range(1, 6)]
+    assert len(x) == 53 and sum(counts) == 53 and max(counts) - min(counts) <= 1
+    assert len(load_cifar('cifar10', str(tmp_path), train=False)[0]) == 7
+
+
 def test_the_official_file_names_and_label_keys_are_read(tmp_path):
     """Written by hand as the releases are (not through DATASETS): CIFAR-10's data_batch_1..5
     and test_batch with 'labels'; CIFAR-100's train and test with 'fine_labels' (100

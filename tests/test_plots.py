@@ -72,13 +72,24 @@ def test_baseline_curves_have_no_temperature_panel(tmp_path, method):
     assert Image.open(path).size == (1500, 350)  # one row of three panels
 
 
-def test_mixkl_curves_plot_temperature_and_kl_weight():
-    rows = metric_rows(3)
-    fig = plots.curves_figure(rows, 'mixkl', 8.0, 10)
-    ax = fig.axes[ALL_PANELS.index('Temperature and KL weight')]
-    tau, kl = ax.get_lines()
-    assert list(tau.get_ydata()) == [r['tau'] for r in rows]
-    assert list(kl.get_ydata()) == [r['kl_weight'] for r in rows]
+# Each panel's curves, in legend order, and the metrics.csv column each one plots.
+PANEL_COLUMNS = {'Test accuracy': ['test_clean_acc', 'test_pgd_acc'],
+                 'Training loss': ['train_loss'],
+                 'Temperature and KL weight': ['tau', 'kl_weight'],
+                 'Overfitting alarm: student on training images': ['alarm_fgsm_acc',
+                                                                   'alarm_pgd_acc']}
+
+
+@pytest.mark.parametrize('method', ['mixkl', 'fgsm_rs'])
+def test_each_curve_plots_its_own_metrics_column_over_the_epochs(method):
+    rows = metric_rows(3)  # every column a different curve
+    fig = plots.curves_figure(rows, method, 8.0, 10)
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len(lines) == len(PANEL_COLUMNS[ax.get_title()])
+        for line, column in zip(lines, PANEL_COLUMNS[ax.get_title()]):
+            assert list(line.get_xdata()) == [1, 2, 3]
+            assert list(line.get_ydata()) == [r[column] for r in rows], column
 
 
 @pytest.mark.parametrize('method', ['mixkl', 'pgd_at'])

@@ -29,3 +29,15 @@ def test_a_log_gets_a_line_every_five_minutes_by_default(monkeypatch):
 def test_a_log_file_gets_no_bar(monkeypatch):
     monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
     assert isinstance(progress.progress(range(3)), progress.PlainProgress)
+
+
+def test_a_resumed_epoch_estimates_what_is_left_from_its_own_steps(monkeypatch):
+    """Resumed at step 50 of 100: the rate is that of the steps taken since, not 60 steps
+    in the time of 10."""
+    clock = iter(range(0, 10000, 60))  # a minute per step
+    monkeypatch.setattr(progress.time, 'time', lambda: next(clock))
+    out = io.StringIO()
+    bar = progress.PlainProgress(range(10), total=100, initial=50, desc='epoch 2/3',
+                                 unit='steps', every_s=600, stream=out)
+    assert list(bar) == list(range(10))
+    assert out.getvalue() == 'epoch 2/3: 60/100 steps, 10.0 min, about 40.0 min left\n'
