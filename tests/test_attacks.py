@@ -345,7 +345,9 @@ def test_evaluation_scripts_write_results_json(tmp_path, dataset, classes, attac
     assert report['dataset'] == dataset and report['n_examples'] == 8 and report['seed'] == 3
     assert report['epsilon'] == pytest.approx(6 / 255)
     entry, = report['results']
-    assert entry['checkpoint'] == checkpoint and len(entry['sha256']) == 64
+    assert entry['checkpoint'] == checkpoint and entry['sha256'] == sha256_file(checkpoint)
+    assert (entry['arch'], entry['width'], entry['num_classes']) == ('preactresnet18', 8, classes)
+    assert report['epsilon_255'] == 6 and report['attacks'] == attacks.split(',')
     assert list(entry['attacks']) == attacks.split(',')
     # Every number recomputed here from the same weights and the pickle's pixels, with the
     # flags' settings: radius 6/255, step 0.5/255, 2 restarts, the RNG seeded with 3.

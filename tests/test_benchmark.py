@@ -6,6 +6,7 @@ here are tiny: one step of batch 8 at width 8.
 """
 import copy
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -69,6 +70,8 @@ def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(caps
             assert all(0 <= accuracy <= 1 for accuracy in runs)
             mean = figure(rf'^mean amp {amp}: .*{model} clean ([\d.]+) \(sd', out)
             assert mean == pytest.approx(sum(runs) / 2, abs=1e-4)
+            sd = figure(rf'^mean amp {amp}: .*{model} clean [\d.]+ \(sd ([\d.]+)\)', out)
+            assert sd == pytest.approx(statistics.stdev(runs), abs=1e-4)
     assert 'command: python bf16_check.py --device cpu' in out
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import flags
 import runs
 import training
 from conftest import load_weights, read_metrics, run_script, same_weights
@@ -78,6 +79,14 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     assert config['dataset'] == dataset and config['lamda'] == 12.0 and config['ema_value'] == 0.82
     assert config['amp'] is False, 'bf16 autocast is off by default on CPU'
+    # Every flag as the script's parser made it, and what the run ran on and read.
+    args = vars(training.parse_args(dataset, ['--out_dir', 'output', '--data-dir', 'data',
+                                              '--epochs', '1', *TINY])[0])
+    assert {k: config[k] for k in args} == dict(args, amp=False, channels_last=False)
+    assert (config['device_used'], config['world_size'], config['torch']) == \
+        ('cpu', 1, torch.__version__)
+    assert config['data_sha256'] == training.data_digest(x_train, y_train, x_test, y_test)
+    assert config['command'].startswith(f'{flags.TRAINING_SCRIPTS[dataset]} ')
     log = open(os.path.join(run_dir, 'train.log')).read()
     assert 'epoch 1/1' in log and 'PGD-10' in log
 
