@@ -24,6 +24,20 @@ from utils import attack_pgd  # noqa: E402
 os.environ['OMP_NUM_THREADS'] = '1'
 torch.set_num_threads(1)
 
+# The slowest files first, longest first: pytest-xdist hands each worker whole files
+# (pytest.ini: --dist loadfile) in collection order, and a long file started last would
+# leave the other core idle at the end of the suite.
+SLOW_FILES = ['test_grid.py', 'test_training.py', 'test_architectures.py', 'test_experiments.py',
+              'test_distributed.py', 'test_attacks.py']
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 TIME_COLUMNS = {'seconds', 'eval_seconds'}
 
 

@@ -184,23 +184,6 @@ def test_a_killed_grid_stops_its_run_and_the_rerun_resumes_it_bitwise(data, tmp_
     assert same_weights(os.path.join(run_dir, runs.FINAL), os.path.join(alone_dir, runs.FINAL))
 
 
-@pytest.mark.parametrize('extra, message', [
-    (['--epsilon', '8', '300'], 'argument --epsilon: 300.0 must be <= 255'),
-    (['--method', 'mixkl', 'pgd'], "argument --method: invalid choice: 'pgd'"),
-    (['--bogus', '1'], '--bogus: not a flag grid.py passes on'),
-    (['--resume', 'x'], '--resume: not a flag grid.py passes on'),
-    (['--n_ex', '10', '20'], '--n_ex 10 20: a flag of the test script takes one value'),
-    (['--n_ex', '0'], 'argument --n_ex/--n-ex: 0 must be >= 1'),
-    (['--lr-schedule', 'cyclic', '--momentum-min', '0.95'], '--momentum 0.9: the cyclic'),
-])
-def test_bad_flags_are_refused_before_any_run_starts(tmp_path, data, extra, message):
-    proc = run_grid(tmp_path / 'grid', data, *TINY, *extra)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith('error: ') and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert not os.path.exists(tmp_path / 'grid' / 'runs')
-
-
 def test_a_slurm_job_that_reaches_its_time_limit_is_requeued_and_finishes(data, tmp_path):
     """submitit's local executor runs the job; once the run has a checkpoint the test sends
     the job the signal SLURM sends before a time limit (submitit's USR2). The training script

@@ -22,6 +22,25 @@ def test_flags_are_read_with_and_without_an_equals_sign():
         ('--seed', ['0']), ('--lr-max', ['0.05'])]
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['--epsilon', '8', '300'], 'argument --epsilon: 300.0 must be <= 255'),
+    (['--method', 'mixkl', 'pgd'], "argument --method: invalid choice: 'pgd'"),
+    (['--bogus', '1'], '--bogus: not a flag grid.py passes on'),
+    (['--resume', 'x'], '--resume: not a flag grid.py passes on'),
+    (['--n_ex', '10', '20'], '--n_ex 10 20: a flag of the test script takes one value'),
+    (['--n_ex', '0'], 'argument --n_ex/--n-ex: 0 must be >= 1'),
+    (['--lr-schedule', 'cyclic', '--momentum-min', '0.95'], '--momentum 0.9: the cyclic'),
+])
+def test_bad_flags_are_refused_before_any_run_starts(tmp_path, capsys, extra, message):
+    code = grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--data-dir',
+                      str(tmp_path / 'data'), '--epochs', '2', *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith('error: ') and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'grid' / 'runs')
+
+
 def test_step_sizes_follow_epsilon_and_an_explicit_flag_wins():
     def parsed(*argv):
         return flags.parse_args('cifar10', list(argv))[0]
