@@ -381,6 +381,21 @@ def test_a_resumed_trainer_holds_everything_its_checkpoint_saved(tiny_run):
         trainer.release()
 
 
+def test_the_learning_rate_schedule_spans_every_step_the_partial_batch_included(tmp_path):
+    """36 images in batches of 16: 3 steps an epoch (the last of 4 images), 6 in 2 epochs."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=36, n_test=16, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path))
+    trainer.release()
+    assert len(trainer.train_loader) == 3
+    # Multistep: x0.1 after floor(6 * 99/110) = 5 steps and again after floor(6 * 104/110) = 5.
+    assert [trainer.lr_at(i) for i in range(6)] == pytest.approx([1, 1, 1, 1, 1, 0.01])
+    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-schedule', 'cyclic'))
+    trainer.release()
+    # Cyclic: up from 0 to the peak at half of the 6 steps, then down to 0 at the end.
+    assert [trainer.lr_at(i) for i in range(7)] == pytest.approx([0, 1 / 3, 2 / 3, 1, 2 / 3,
+                                                                  1 / 3, 0])
+
+
 def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
     with pytest.raises(InputError, match='--val-examples 32 leaves no training images '
