@@ -281,6 +281,13 @@ def test_each_checks_numbers_are_counted_from_the_attacks_per_example_results():
         accuracy_eps=3 / 6, accuracy_double_eps=2 / 6,
         # The third image, broken at eps/2 and at eps, is kept at 2 eps: counted twice.
         broken_at_smaller_not_larger=2))
+    # Square tries the first square_examples images that PGD-50 (not PGD-10) left correct;
+    # at radius 0 it has nothing to do, and the count is all that is left to check.
+    still = checks.Probe(nn.Identity(), torch.zeros(6, 3, 2, 2), y, 0.0, 0, 6, SMALL)
+    still.cache = {('pgd', 0.0, 50): torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool),
+                   ('pgd', 0.0, 10): torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.bool)}
+    assert checks.measure_black_box(still) == dict(examples=6, queries=SMALL.square_queries,
+                                                   left_by_pgd50=4, broken_by_square=0)
     assert checks.measure_large_epsilon(probe) == pytest.approx(dict(
         examples=6, epsilon_255=64.0, accuracy=3 / 6, class_kept_most=0,
         accuracy_other_classes=1 / 6))

@@ -99,6 +99,18 @@ def test_the_classes_are_the_200_of_the_release_at_most(tmp_path, classes):
             tinyimagenet.read_classes(str(tmp_path))
 
 
+def test_hidden_files_beside_the_images_are_not_images(tmp_path):
+    base = make(tmp_path, num_classes=2, per_class=3, n_val=4)
+    x, y = load(tmp_path, train=True)
+    wnid = sorted(listed_wnids(base))[0]
+    # What macOS leaves beside copied files: AppleDouble '._' files with the same suffix.
+    (tmp_path / 'tiny-imagenet-200' / 'train' / wnid / 'images' / '._0.JPEG').write_bytes(b'x')
+    (tmp_path / 'tiny-imagenet-200' / 'val' / 'images' / '._0.JPEG').write_bytes(b'x')
+    for train, n in ((True, 6), (False, 4)):
+        assert len(load(tmp_path, train=train)[1]) == n
+    assert torch.equal(load(tmp_path, train=True)[0], x)
+
+
 def test_without_wnids_txt_the_classes_are_the_sorted_train_folders(tmp_path):
     make(tmp_path / 'listed', seed=3)
     make(tmp_path / 'unlisted', seed=3, wnids_file=False)
