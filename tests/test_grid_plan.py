@@ -119,6 +119,12 @@ def hand_made_grid(out, plan):
     return combos
 
 
+def every_run_done():
+    """hand_made_grid's plan where every run finished and was evaluated alike."""
+    return {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
+            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+
+
 def test_the_table_of_a_grid_is_the_mean_and_std_of_each_configurations_seeds(tmp_path):
     plan = {}
     for m, method in enumerate(('mixkl', 'fgsm_rs')):
@@ -175,8 +181,7 @@ def test_the_table_of_a_grid_is_the_mean_and_std_of_each_configurations_seeds(tm
 
 
 def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
-    plan = {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
-            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+    plan = every_run_done()
     combos = hand_made_grid(tmp_path / 'g', plan)
     parsed = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'g'),
                          '--data-dir', str(tmp_path / 'd'), '--device', 'cpu',
@@ -216,8 +221,7 @@ def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
 
 
 def test_the_grid_figure_plots_each_seeds_per_epoch_pgd_accuracy(tmp_path):
-    plan = {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
-            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+    plan = every_run_done()
     plan['mixkl', 16.0, 2] = None
     hand_made_grid(tmp_path, plan)
     columns, rows = grid.table(str(tmp_path), ['clean'])
@@ -232,8 +236,7 @@ def test_the_grid_figure_plots_each_seeds_per_epoch_pgd_accuracy(tmp_path):
 
 @pytest.mark.parametrize('retry', [False, True])
 def test_retry_failed_runs_a_failed_combination_again_never_a_diverged_one(tmp_path, retry):
-    plan = {(m, e, s): ('done', 0.4, 0.4, 0, False, 1.0)
-            for m in ('mixkl', 'fgsm_rs') for e in (8.0, 16.0) for s in range(3)}
+    plan = every_run_done()
     combos = hand_made_grid(tmp_path, plan)
     parsed = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--attacks',
                          'clean,aa', *(['--retry-failed'] if retry else [])])[0]
