@@ -102,7 +102,7 @@ def reference_forward(arch, sd, x, normalization=None):
     return F.linear(features, sd['linear.weight'], sd['linear.bias']), features
 
 
-@pytest.mark.parametrize('arch, size', [(a, 32) for a in models.ARCHS] + [('preactresnet18', 64)])
+@pytest.mark.parametrize('arch, size', [(a, s) for a in models.ARCHS for s in (32, 64)])
 def test_each_network_computes_the_published_forward(arch, size):
     torch.manual_seed(1)
     normalization = models.NORMALIZATION['tinyimagenet'] if size == 64 else None

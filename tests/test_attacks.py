@@ -450,6 +450,20 @@ def test_a_second_evaluation_into_the_same_out_dir_keeps_the_first(tmp_path, cap
         assert (out_dir / f'model{suffix}_autoattack.log').read_text() == f'seed {seed}'
 
 
+def test_a_checkpoint_named_again_by_a_symlink_or_a_relative_path_is_evaluated_once(
+        tmp_path, capsys, monkeypatch):
+    model, other, link = tmp_path / 'model.pth', tmp_path / 'other.pth', tmp_path / 'link.pth'
+    model.write_bytes(b'weights')
+    other.write_bytes(b'other weights')
+    link.symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    given = [str(model), 'model.pth', str(link), str(other)]
+    assert evaluate.distinct_paths(given) == [str(model), str(other)]
+    notes = capsys.readouterr().out.splitlines()
+    assert notes == [f'note: {path} is named more than once; it is evaluated once'
+                     for path in ('model.pth', str(link))]
+
+
 @pytest.mark.parametrize('case', ['same bytes', 'different weights', 'same path twice'])
 def test_each_distinct_checkpoint_is_attacked_once(tmp_path, capsys, monkeypatch, case):
     run_dir = tmp_path / 'run'

@@ -58,11 +58,32 @@ def test_benchmark_prints_both_paths_eval_memory_and_projection():
     assert 'command: python benchmark.py --device cpu' in out
 
 
-def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(capsys):
+def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(capsys, monkeypatch):
+    trainers, evaluated = [], []  # each run's trainer; each model the check evaluated
+
+    def check_run(*args):
+        trainers.append(real_check_run(*args))
+        return trainers[-1]
+
+    def evaluate_robustness(model, *args):
+        evaluated.append(model)
+        return real_evaluate_robustness(model, *args)
+    real_check_run, real_evaluate_robustness = bf16_check.check_run, bf16_check.evaluate_robustness
+    monkeypatch.setattr(bf16_check, 'check_run', check_run)
+    monkeypatch.setattr(bf16_check, 'evaluate_robustness', evaluate_robustness)
     # In this process: a second interpreter would pay torch's import again.
     benchmark.main([*TINY, '--check', '--check-epochs', '1', '--check-width', '8',
                     '--check-train-images', '16', '--check-seeds', '2', '--seed', '3'])
     out = capsys.readouterr().out
+    # Each run trained from its own seed, in its precision; its student is evaluated and its
+    # teacher reported from the training's own last evaluation.
+    assert sorted((t.args.seed, t.args.amp) for t in trainers) == [(3, False), (3, True),
+                                                                   (4, False), (4, True)]
+    assert len(evaluated) == 4 and all(m is t.student for m, t in zip(evaluated, trainers))
+    for t in trainers:
+        amp = 'on ' if t.args.amp else 'off'
+        teacher = figure(rf'^seed {t.args.seed} amp {amp}: .*teacher clean ([\d.]+)', out)
+        assert teacher == round(t.history[-1]['test_clean_acc'], 4)
     for amp in ('on ', 'off'):
         for model in ('student', 'teacher'):
             runs = [figure(rf'^seed {seed} amp {amp}: .*{model} clean ([\d.]+)', out)
@@ -85,10 +106,13 @@ def test_reference_step_is_the_project_step_with_another_fgsm_step():
     torch.manual_seed(0)
     model = PreActResNet18(10, 8)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    results = []
+    results, teacher_inputs = [], []
     for step in (mixkl.mixkl_step, benchmark.reference_step):
         student = copy.deepcopy(model).train()
         teacher = mixkl.ConditionalEMA(student, hp.ema_value)
+        seen = []  # the images the teacher is given: xm + delta, in both steps
+        teacher.model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        teacher_inputs.append(seen)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
         np.random.seed(1)
         torch.manual_seed(1)
@@ -97,6 +121,8 @@ def test_reference_step_is_the_project_step_with_another_fgsm_step():
     (project, project_grads, project_teacher), (reference, reference_grads, reference_teacher) = \
         results
     assert reference.loss == pytest.approx(project.loss, rel=1e-6)
+    (project_seen,), (reference_seen,) = teacher_inputs
+    torch.testing.assert_close(reference_seen, project_seen)
     assert (reference.correct, reference.teacher_updated) == (project.correct,
                                                                project.teacher_updated)
     for ours, theirs in zip(project_grads, reference_grads):

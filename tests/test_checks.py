@@ -6,6 +6,7 @@ trained model passes them; each judgement warns on numbers that must warn; the c
 do not depend on what ran before them; the evaluation script reports them.
 """
 import json
+import logging
 import pickle
 
 import numpy as np
@@ -420,6 +421,20 @@ def test_autoattack_warnings_become_checks(trained, tmp_path):
     # Without warnings: one passing entry; without AutoAttack: none.
     assert verdicts(run(model, X[:16], y[:16], autoattack_messages=[]))['autoattack'] == 'pass'
     assert 'autoattack' not in verdicts(run(model, X[:16], y[:16]))
+
+
+def test_each_distinct_autoattack_warning_is_one_check_with_its_own_count():
+    logger = logging.getLogger('auto-attack')
+    with checks.autoattack_messages() as messages:
+        for text in ('zero gradients', 'Square  beat\n  APGD', 'zero gradients'):
+            logger.warning(text)
+    logger.warning('after the evaluation')  # no longer collected
+    assert messages == ['zero gradients', 'Square beat APGD', 'zero gradients']
+    found = checks.autoattack_checks(messages)
+    assert [(c['verdict'], c['numbers']['warnings'], c['meaning']) for c in found] == [
+        ('warn', 2, 'AutoAttack warned: zero gradients'),
+        ('warn', 1, 'AutoAttack warned: Square beat APGD')]
+    assert runs.check_warnings({'checks': found}) == 2  # distinct warnings, not messages
 
 
 # ---------------------------------------------------------------------------

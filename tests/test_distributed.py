@@ -208,6 +208,11 @@ for method in ('mixkl', 'fgsm_rs'):
         identical_on_ranks=dist.identical(grads),
         teacher_identical=teacher is None or dist.identical(list(teacher.model.state_dict().values())))
 
+# identical() compares every dtype's message: a difference in any one of them counts.
+floats, counts = torch.ones(3), torch.ones(2, dtype=torch.long)
+out['differ'] = [dist.identical([floats + rank, counts]), dist.identical([floats, counts + rank]),
+                 dist.identical([counts + rank, floats]), dist.identical([floats, counts])]
+
 # The per-epoch evaluation split over the ranks equals the single-process evaluation.
 torch.manual_seed(1)  # the same images on both ranks
 x_eval, y_random = torch.rand(40, 3, 32, 32), torch.randint(0, 10, (40,))
@@ -240,6 +245,7 @@ def test_gradients_averaged_and_evaluation_split(tmp_path):
         assert out[method]['identical_on_ranks'] and out[method]['teacher_identical'], method
         assert out[method]['max_error'] < 1e-5, (method, out[method])
         assert out[method]['local_vs_average'] > 1e-3, 'the two shares should differ'
+    assert out['differ'] == [False, False, False, True]
     assert out['distributed'] == out['single']
     assert 0 < out['single'][1] < out['single'][0]  # PGD breaks some, not all
     assert out['rng_untouched']

@@ -92,6 +92,18 @@ def test_a_resume_keeps_the_runs_flags_and_takes_only_where_and_how_it_runs():
     assert (merged.arch, merged.val_examples, merged.lr_peak, merged.augment,
             merged.ema_decay_max, merged.con_reference, merged.attack_iters,
             merged.momentum_min) == ('resnet18', 10, 0.3, False, 0.5, 'start', 3, 0.7)
+    # A run saved before those flags existed was trained as the reference scripts train:
+    # PreActResNet-18, no held-out images, crops and flips, the clean consistency reference,
+    # PGD-10 per epoch, the constant momentum, the teacher's decay up to 0.999.
+    older = vars(flags.parse_args('cifar10', ['--momentum', '0.85'])[0])
+    for key in ('arch', 'val_examples', 'lr_peak', 'augment', 'ema_decay_max', 'con_reference',
+                'attack_iters', 'momentum_min'):
+        del older[key]
+    merged = flags.resumed_args(flags.parse_args('cifar10', ['--resume', 'run'])[0], {'resume'},
+                                older, 'run')
+    assert (merged.arch, merged.val_examples, merged.lr_peak, merged.augment,
+            merged.ema_decay_max, merged.con_reference, merged.attack_iters,
+            merged.momentum_min) == ('preactresnet18', 0, 0.5, True, 0.999, 'clean', 10, 0.85)
     # The same value written again is no change.
     assert resumed(['--lr-max', '0.05'], ['--lr-max', '0.05']).lr_max == 0.05
     for argv, message in ((['--lr-max', '0.1'], 'trained with --lr-max 0.05, not 0.1'),

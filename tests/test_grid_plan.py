@@ -72,6 +72,8 @@ def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
                                              '--gpus', '0,1,2,3', '--gpus-per-run', '2'])
     slots = grid.local_slots(parsed)
     assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in slots] == ['0,1', '2,3']
+    parsed.gpus = [0, 1, 2]  # the third GPU is too few for a run of 2: it stays idle
+    assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in grid.local_slots(parsed)] == ['0,1']
     assert grid.command(['MIX_KL_CIFAR10.py', '--seed', '1'], slots[0])[1:5] == \
         ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
@@ -253,3 +255,57 @@ def test_retry_failed_runs_a_failed_combination_again_never_a_diverged_one(tmp_p
     assert grid.ended_for_good({'status': 'failed'}, parsed) is not retry
     assert grid.ended_for_good({'status': 'diverged'}, parsed)
     assert not grid.ended_for_good({'status': 'done'}, parsed)
+
+
+def test_a_combination_folder_holding_several_runs_is_read_from_its_latest_finished_one(tmp_path):
+    folder = tmp_path / 'combination'
+    folder.mkdir()
+    old, new = (write_run(folder, name, [], [(1, 1, 0.5, 0.3)]) for name in ('old', 'new'))
+    killed = write_run(folder, 'killed', [], [(1, 1, 0.5, 0.3)])
+    os.remove(killed / runs.FINAL)
+    (killed / runs.CHECKPOINT).write_bytes(b'resumable')
+    started = write_run(folder, 'started', [], [])
+    for path in (started / runs.FINAL, started / runs.BEST):
+        os.remove(path)
+    for age, path in enumerate([killed / runs.CHECKPOINT, new / runs.FINAL, old / runs.FINAL]):
+        os.utime(path, (1e9 - 1000 * age,) * 2)  # the killed run's checkpoint is the newest
+    assert grid.run_dir_of(str(folder)) == str(new), 'a finished run wins over a newer checkpoint'
+    for run_dir in (old, new):
+        os.remove(run_dir / runs.FINAL)
+        (run_dir / runs.CHECKPOINT).write_bytes(b'resumable')
+        os.utime(run_dir / runs.CHECKPOINT, (1e8,) * 2)
+    assert grid.run_dir_of(str(folder)) == str(killed), 'else the newest checkpoint'
+    os.remove(killed / runs.CHECKPOINT)
+    os.utime(old / runs.CHECKPOINT, (2e8,) * 2)
+    assert grid.run_dir_of(str(folder)) == str(old)
+    assert grid.run_dir_of(str(tmp_path / 'none')) is None
+
+
+@pytest.mark.parametrize('stage, code, diverged, expected', [
+    ('train', -15, False, 'interrupted'),  # killed by SIGTERM: resumes
+    ('evaluate', -9, False, 'interrupted'),
+    ('train', 130, False, 'interrupted'),  # a shell's 128 + SIGINT
+    ('train', 1, True, 'diverged'),
+    ('resume', 1, True, 'diverged'),
+    ('train', 1, False, 'failed'),
+    ('evaluate', 1, True, 'failed'),  # only training diverges
+    ('train', 2, True, 'failed'),  # bad flags
+])
+def test_a_scripts_exit_status_says_whether_its_run_resumes_diverged_or_failed(
+        tmp_path, stage, code, diverged, expected):
+    run_dir = write_run(tmp_path, 'run', [], [(1, 1, 0.5, 0.3)])
+    last = ('error: the run diverged: the loss is nan at epoch 1' if diverged
+            else 'epoch 1 done')
+    (run_dir / runs.LOG).write_text(f'[2026-11-30 05:00:00] started\n[2026-11-30 05:01:00] {last}\n')
+    assert grid.outcome(stage, code, str(tmp_path)) == expected
+
+
+def test_combinations_that_differ_in_any_setting_get_folders_of_their_own(tmp_path):
+    # --lamda and --lr-max are not in the folder's readable part (dataset, arch, method, seed,
+    # epsilon): the settings' digest keeps the four runs apart.
+    combos = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path),
+                         '--lamda', '1', '2', '--lr-max', '0.1', '0.2'])[1]
+    assert len({c.folder(str(tmp_path)) for c in combos}) == len(combos) == 4
+    again = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'other'),
+                        '--lr-max', '0.2', '--lamda', '2', '--device', 'cpu'])[1]
+    assert again[0].name in {c.name for c in combos}, 'where and how it runs is not a setting'

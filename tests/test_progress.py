@@ -26,6 +26,16 @@ def test_a_log_gets_a_line_every_five_minutes_by_default(monkeypatch):
     assert len(progress.sys.stderr.getvalue().splitlines()) == 4
 
 
+def test_a_resumed_epoch_in_a_log_counts_from_the_step_it_resumed_at(monkeypatch):
+    clock = iter(range(0, 10000, 60))  # a minute per step
+    monkeypatch.setattr(progress.time, 'time', lambda: next(clock))
+    monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
+    bar = progress.progress(range(5), total=20, initial=15, desc='epoch 2/3', unit='steps')
+    assert list(bar) == list(range(5))
+    assert progress.sys.stderr.getvalue() == \
+        'epoch 2/3: 20/20 steps, 5.0 min, about 0.0 min left\n'
+
+
 def test_a_log_file_gets_no_bar(monkeypatch):
     monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
     assert isinstance(progress.progress(range(3)), progress.PlainProgress)
