@@ -362,6 +362,7 @@ def test_tiny_imagenet_trains_and_evaluates_from_its_folder_layout(tmp_path):
     # Training decoded each split once; the evaluation read the val cache training made,
     # decoding nothing, and saw the same images: its clean accuracy is training's.
     training_out, evaluation_out = outputs
+    assert '24 training images, 8 val images' in training_out, 'the labelled val/ folder'
     assert training_out.count('note: decoding the Tiny-ImageNet-200') == 2
     assert 'decoding' not in evaluation_out
     best = max(rows, key=lambda row: float(row['test_pgd_acc']))

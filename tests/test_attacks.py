@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 
+import pyautoattack
 import pytest
 import torch
 import torch.nn as nn
@@ -527,6 +528,17 @@ def test_each_distinct_checkpoint_is_attacked_once(tmp_path, capsys, monkeypatch
         assert logs == ['best_model_autoattack.log', 'final_model_autoattack.log']
 
 
+def test_n_ex_beyond_the_test_set_evaluates_and_reports_the_images_there_are(tmp_path, capsys):
+    checkpoint = model_and_data(tmp_path)  # 10 test images
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', '1000', '--attacks', 'clean')
+    assert code == 0, err
+    assert 'note: --n_ex 1000 but the test set has 10 images; using all' in out
+    report = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert report['n_examples'] == report['results'][0]['attacks']['clean']['n'] == 10
+
+
 def test_a_missing_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     checkpoint = model_and_data(tmp_path)
     missing = tmp_path / 'missing.pth'
@@ -559,6 +571,42 @@ def test_nan_and_inf_attack_settings_are_refused_in_one_argparse_line(capsys, fl
     assert errors[0].endswith(f"error: argument {flag}: '{value}' is not a finite number")
 
 
+@pytest.mark.parametrize('returned, refused', [
+    ('moved by epsilon', False),
+    ('moved past epsilon', True),
+    ('a pixel below 0', True),
+    ('a pixel above 1', True),
+])
+def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkeypatch, returned,
+                                                                refused):
+    model, X, y = linear_problem(n=8)
+    X[0, 0, 0, 0], X[1, 0, 0, 1] = 0.001, 0.999  # pixels within epsilon of the box's edges
+
+    class ReturnsGivenPoints:  # AutoAttack's interface, returning the points of ``returned``
+        def __init__(self, model, norm, eps, version, seed, device):
+            self.epsilon, self.attacks_to_run = eps, []
+            self.apgd = self.apgd_targeted = self.fab = self.square = argparse.Namespace(
+                n_iter=1, n_restarts=1, n_target_classes=1, n_queries=1, eps=eps)
+
+        def run_standard_evaluation(self, x, y, batch_size):
+            x_adv = (x + EPS * {'moved by epsilon': 1, 'moved past epsilon': 1.01,
+                                'a pixel below 0': 0, 'a pixel above 1': 0}[returned])
+            x_adv = x_adv.clamp(0, 1) if returned == 'moved by epsilon' else x_adv
+            x_adv[0, 0, 0, 0] -= 0.002 if returned == 'a pixel below 0' else 0
+            x_adv[1, 0, 0, 1] += 0.002 if returned == 'a pixel above 1' else 0
+            return x_adv, y
+    monkeypatch.setattr(pyautoattack, 'AutoAttack', ReturnsGivenPoints)
+    args = argparse.Namespace(seed=0, batch_size=8)
+    run = lambda: evaluate.run_autoattack(model, X, y, EPS, args, str(tmp_path / 'aa.log'))
+    if refused:
+        with pytest.raises(RuntimeError, match='AutoAttack returned points outside the threat'):
+            run()
+    else:
+        correct, settings = run()
+        assert correct == evaluate_batches(model, [((X + EPS).clamp(0, 1), y)])[0]
+        assert settings['max_perturbation'] == pytest.approx(EPS)
+
+
 # ---------------------------------------------------------------------------
 # No accuracy from NaN logits
 
@@ -576,10 +624,25 @@ class NaNAwayFrom(nn.Module):
         return torch.where(away[:, None], torch.full_like(logits, float('nan')), logits)
 
 
+class InfInOneClass(nn.Module):
+    """``model`` with an inf logit for class 0 of the first ``n`` examples: the others finite."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n = model, n
+
+    def forward(self, x):
+        logits = self.model(x).clone()
+        logits[:self.n, 0] = float('inf')
+        return logits
+
+
 def test_an_accuracy_is_never_counted_from_nan_logits():
     model, X, y = linear_problem(n=40)
     with pytest.raises(NonFiniteLogits, match='^40 of 40 examples get NaN or inf logits'):
         evaluate_batches(NaNAwayFrom(model, X + 1), [(X, y)])
+    with pytest.raises(NonFiniteLogits, match='^3 of 40 examples get NaN or inf logits'):
+        evaluate_batches(InfInOneClass(model, 3), [(X, y)])
     nan_under_attack = NaNAwayFrom(model, X)
     assert evaluate_batches(nan_under_attack, [(X, y)])[1] == 40, 'clean logits are finite'
     with pytest.raises(NonFiniteLogits, match='NaN or inf logits on examples under attack'):

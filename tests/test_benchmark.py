@@ -77,8 +77,10 @@ def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(caps
     out = capsys.readouterr().out
     # Each run trained from its own seed, in its precision; its student is evaluated and its
     # teacher reported from the training's own last evaluation.
-    assert sorted((t.args.seed, t.args.amp) for t in trainers) == [(3, False), (3, True),
-                                                                   (4, False), (4, True)]
+    printed = [(int(seed), amp == 'on ') for seed, amp in
+               re.findall(r'^seed (\d+) amp (on |off): ', out, re.MULTILINE)]
+    assert printed == [(3, True), (3, False), (4, True), (4, False)]
+    assert [(t.args.seed, t.args.amp) for t in trainers] == printed
     assert len(evaluated) == 4 and all(m is t.student for m, t in zip(evaluated, trainers))
     for t in trainers:
         amp = 'on ' if t.args.amp else 'off'

@@ -425,10 +425,17 @@ def test_autoattack_warnings_become_checks(trained, tmp_path):
 
 def test_each_distinct_autoattack_warning_is_one_check_with_its_own_count():
     logger = logging.getLogger('auto-attack')
-    with checks.autoattack_messages() as messages:
-        for text in ('zero gradients', 'Square  beat\n  APGD', 'zero gradients'):
-            logger.warning(text)
-    logger.warning('after the evaluation')  # no longer collected
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # as run_autoattack sets it: its progress lines pass too
+    try:
+        with checks.autoattack_messages() as messages:
+            for text in ('zero gradients', 'Square  beat\n  APGD', 'zero gradients'):
+                logger.warning(text)
+            logger.info('apgd-ce - 1/1 - 3 out of 16 successfully perturbed')  # progress
+            logger.debug('using standard version')
+        logger.warning('after the evaluation')  # no longer collected
+    finally:
+        logger.setLevel(level)
     assert messages == ['zero gradients', 'Square beat APGD', 'zero gradients']
     found = checks.autoattack_checks(messages)
     assert [(c['verdict'], c['numbers']['warnings'], c['meaning']) for c in found] == [

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import files
 import utils
+from data import load_dataset
 from payloads import (FROMBUFFER, RECONSTRUCT, CreatesAFile, Reduce, array_with_state,
                       forged_dtype, hex_chain)
 from synthetic import write_synthetic_cifar
@@ -119,6 +120,16 @@ def test_load_cifar_reads_the_pickle_layout(tmp_path, capsys, dataset, classes):
         assert torch.equal(x[:, 1, 2, 3], torch.from_numpy(data[:, 1024 + 2 * 32 + 3]))
         assert torch.equal(x.reshape(n, -1), torch.from_numpy(data))
     assert 'not the official' in capsys.readouterr().out
+
+
+def test_data_that_is_not_the_official_release_is_noted_unless_asked_to_be_quiet(tmp_path,
+                                                                                capsys):
+    write_synthetic_cifar(str(tmp_path), 'cifar100', n_train=20, n_test=10, seed=1)
+    load_dataset('cifar100', str(tmp_path), train=False)
+    assert capsys.readouterr().out == (f'note: {tmp_path / "cifar-100-python"} is not the '
+                                       'official CIFAR-100 release (10 test images)\n')
+    load_dataset('cifar100', str(tmp_path), train=False, quiet=True)
+    assert capsys.readouterr().out == ''
 
 
 @pytest.mark.parametrize('dataset, num_classes, classes', [('cifar10', None, 10),
@@ -251,6 +262,15 @@ def test_absent_data_without_network_says_how_to_get_it(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------
 # Labels, empty splits, one-line errors
+
+@pytest.mark.parametrize('byte_order', ['>', '<'])
+def test_label_arrays_of_either_byte_order_are_read_as_their_numbers(tmp_path, byte_order):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    labels = np.arange(10, dtype=f'{byte_order}i4')
+    rewrite_batch(tmp_path, {'labels': labels}, name='test_batch')
+    _, y = load_cifar('cifar10', str(tmp_path), train=False)
+    assert y.tolist() == list(range(10))
+
 
 @pytest.mark.parametrize('labels,found', [
     ([3] * 9 + [3.7], "float 3.7"),

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import ddp
 import training
 from conftest import ROOT, read_metrics, same_weights, the_run_dir
 from utils import InputError
@@ -162,6 +163,25 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
     assert read_metrics(run_dir, times=False) == read_metrics(reference_dir, times=False)
     for name in ('final_model.pth', 'best_model.pth'):
         assert same_weights(os.path.join(run_dir, name), os.path.join(reference_dir, name)), name
+
+
+@pytest.mark.parametrize('device, backend, expected', [('cpu', 'gloo', 'cpu'),
+                                                      ('cuda', 'nccl', 'cuda:1')])
+def test_a_process_of_a_multi_node_run_takes_its_global_rank_and_its_nodes_gpu(
+        monkeypatch, device, backend, expected):
+    """The second process of the second node of 2 x 2: RANK 3, LOCAL_RANK 1."""
+    for name, value in (('WORLD_SIZE', '4'), ('RANK', '3'), ('LOCAL_RANK', '1')):
+        monkeypatch.setenv(name, value)
+    joined, chosen = [], []
+    monkeypatch.setattr(ddp.dist, 'init_process_group',
+                        lambda backend, **kwargs: joined.append(backend))
+    monkeypatch.setattr(ddp, 'resolve_device', lambda name: torch.device(name))
+    monkeypatch.setattr(ddp.torch.cuda, 'device_count', lambda: 2)  # this node's GPUs
+    monkeypatch.setattr(ddp.torch.cuda, 'set_device', chosen.append)
+    dist = ddp.Distributed.from_env(device)
+    assert (dist.rank, dist.local_rank, dist.world_size, dist.is_main) == (3, 1, 4, False)
+    assert (str(dist.device), joined) == (expected, [backend])
+    assert [str(d) for d in chosen] == ([expected] if device == 'cuda' else [])
 
 
 GRADIENT_AND_EVAL_SCRIPT = '''

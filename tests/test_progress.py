@@ -36,6 +36,15 @@ def test_a_resumed_epoch_in_a_log_counts_from_the_step_it_resumed_at(monkeypatch
         'epoch 2/3: 20/20 steps, 5.0 min, about 0.0 min left\n'
 
 
+def test_a_disabled_progress_in_a_log_writes_nothing(monkeypatch):
+    """As the processes of a torchrun run other than the first are given it."""
+    clock = iter(range(0, 10000, 60))  # a minute per step
+    monkeypatch.setattr(progress.time, 'time', lambda: next(clock))
+    monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
+    assert list(progress.progress(range(20), desc='epoch 1/3', disable=True)) == list(range(20))
+    assert progress.sys.stderr.getvalue() == ''
+
+
 def test_a_log_file_gets_no_bar(monkeypatch):
     monkeypatch.setattr(progress.sys, 'stderr', io.StringIO())
     assert isinstance(progress.progress(range(3)), progress.PlainProgress)

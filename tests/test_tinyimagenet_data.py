@@ -113,7 +113,9 @@ def test_hidden_files_beside_the_images_are_not_images(tmp_path):
 
 def test_without_wnids_txt_the_classes_are_the_sorted_train_folders(tmp_path):
     make(tmp_path / 'listed', seed=3)
-    make(tmp_path / 'unlisted', seed=3, wnids_file=False)
+    unlisted = make(tmp_path / 'unlisted', seed=3, wnids_file=False)
+    # A hidden folder beside the classes (a notebook's checkpoints) is not a class.
+    os.makedirs(os.path.join(unlisted, 'train', '.ipynb_checkpoints', 'images'))
     for train in (True, False):
         x, y = load(tmp_path / 'unlisted', train)
         x_ref, y_ref = load(tmp_path / 'listed', train)

@@ -396,6 +396,19 @@ def test_the_learning_rate_schedule_spans_every_step_the_partial_batch_included(
                                                                   1 / 3, 0])
 
 
+def test_the_cyclic_momentum_falls_as_the_learning_rate_rises_at_every_step(tmp_path):
+    """6 steps of the cyclic schedule: lr factors 0, 1/3, 2/3, 1, 2/3, 1/3, and the momentum
+    0.9 - (0.9 - 0.8) * factor that each optimizer step uses."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=36, n_test=8, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-schedule', 'cyclic'))
+    used = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]['momentum']))
+    assert trainer.fit() == 0
+    assert used == pytest.approx([0.9, 0.9 - 0.1 / 3, 0.9 - 0.2 / 3, 0.8, 0.9 - 0.2 / 3,
+                                  0.9 - 0.1 / 3])
+
+
 def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
     with pytest.raises(InputError, match='--val-examples 32 leaves no training images '
