@@ -581,21 +581,21 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
                                                                 refused):
     model, X, y = linear_problem(n=8)
     X[0, 0, 0, 0], X[1, 0, 0, 1] = 0.001, 0.999  # pixels within epsilon of the box's edges
+    below, above = X.clone(), X.clone()
+    below[0, 0, 0, 0], above[1, 0, 0, 1] = -0.001, 1.001  # each moved by 0.002 < epsilon
+    points = {'moved by epsilon': (X + EPS).clamp(0, 1),
+              'moved past epsilon': (X + 1.01 * EPS).clamp(0, 1),  # inside [0, 1]
+              'a pixel below 0': below, 'a pixel above 1': above}[returned]
 
-    class ReturnsGivenPoints:  # AutoAttack's interface, returning the points of ``returned``
+    class ReturnsThePoints:  # AutoAttack's interface
         def __init__(self, model, norm, eps, version, seed, device):
             self.epsilon, self.attacks_to_run = eps, []
             self.apgd = self.apgd_targeted = self.fab = self.square = argparse.Namespace(
                 n_iter=1, n_restarts=1, n_target_classes=1, n_queries=1, eps=eps)
 
         def run_standard_evaluation(self, x, y, batch_size):
-            x_adv = (x + EPS * {'moved by epsilon': 1, 'moved past epsilon': 1.01,
-                                'a pixel below 0': 0, 'a pixel above 1': 0}[returned])
-            x_adv = x_adv.clamp(0, 1) if returned == 'moved by epsilon' else x_adv
-            x_adv[0, 0, 0, 0] -= 0.002 if returned == 'a pixel below 0' else 0
-            x_adv[1, 0, 0, 1] += 0.002 if returned == 'a pixel above 1' else 0
-            return x_adv, y
-    monkeypatch.setattr(pyautoattack, 'AutoAttack', ReturnsGivenPoints)
+            return points, y
+    monkeypatch.setattr(pyautoattack, 'AutoAttack', ReturnsThePoints)
     args = argparse.Namespace(seed=0, batch_size=8)
     run = lambda: evaluate.run_autoattack(model, X, y, EPS, args, str(tmp_path / 'aa.log'))
     if refused:
@@ -603,7 +603,7 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
             run()
     else:
         correct, settings = run()
-        assert correct == evaluate_batches(model, [((X + EPS).clamp(0, 1), y)])[0]
+        assert correct == evaluate_batches(model, [(points, y)])[0]
         assert settings['max_perturbation'] == pytest.approx(EPS)
 
 
