@@ -1,6 +1,7 @@
 """Attacks against known answers, and the evaluation scripts end to end."""
 import argparse
 import json
+import logging
 import os
 import pickle
 
@@ -177,6 +178,20 @@ def test_autoattack_shows_its_progress_on_stdout_and_keeps_its_numbers(tmp_path,
     x_adv, _ = AutoAttack(model, norm='Linf', eps=8 / 255, version='standard', seed=0,
                           device=X.device).run_standard_evaluation(X, y, batch_size=6)
     assert evaluate_batches(model, [(x_adv, y)])[0] == result['correct']
+
+
+@pytest.mark.parametrize('level,message,shown', [
+    (logging.WARNING, 'it seems to be a randomized defense!', True),
+    (logging.ERROR, 'too few classes', True),
+    (logging.INFO, 'max Linf perturbation: 0.03137', False),
+    (logging.DEBUG, 'clean accuracy: 50.00%', False),
+    (logging.DEBUG, 'no robust datapoints left for apgd-t', True),
+])
+def test_autoattack_warnings_are_shown_as_they_are_and_other_messages_only_logged(
+        level, message, shown):
+    record = logging.LogRecord('autoattack', level, __file__, 1, message, None, None)
+    line = evaluate.AutoAttackProgress().progress_line(record)
+    assert line == (f'AutoAttack: {message}' if shown else None)
 
 
 # ---------------------------------------------------------------------------

@@ -164,6 +164,17 @@ def test_benchmark_and_its_check_refuse_each_others_flags_in_one_line(capsys, mo
     assert message in error
 
 
+def test_the_synthetic_images_the_benchmark_writes_count_its_warmup_steps_too(capsys):
+    # 1,000,000 images at most: 100 warmup + 9,900 timed steps of 100 just fit.
+    args = benchmark.parse_args(['--warmup', '100', '--steps', '9900', '--batch-size', '100'])
+    assert (args.warmup + args.steps) * args.batch_size == benchmark.MAX_SYNTHETIC_IMAGES
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(['--warmup', '101', '--steps', '9900', '--batch-size', '100'])
+    assert exit_info.value.code == 2
+    assert '--warmup 101 and --steps 9900 of --batch-size 100 would need more than 1,000,000 ' \
+        'synthetic training images' in capsys.readouterr().err
+
+
 def test_bf16_check_offers_only_the_datasets_it_can_run(capsys):
     with pytest.raises(SystemExit):
         bf16_check.parse_args(['--help'])

@@ -258,6 +258,30 @@ def test_each_judgement_warns_on_numbers_that_must_warn(judge, numbers, verdict)
     assert meaning and '\n' not in meaning
 
 
+@pytest.mark.parametrize('kept,accuracy,other,says', [
+    (0, 0.1, 0.0, '0.1000 correct, 0.0000 outside class 0 (a model that answers one class'),
+    (4, 0.02, 0.01, '0.0200 correct, 0.0100 outside class 4 (a model that answers one class'),
+    (-1, 0.0, 0.0, 'nothing correct'),
+])
+def test_the_large_radius_check_says_which_class_it_kept_class_0_included(kept, accuracy,
+                                                                           other, says):
+    verdict, _, meaning = checks.judge_large_epsilon(dict(
+        examples=100, epsilon_255=64, accuracy=accuracy, class_kept_most=kept,
+        accuracy_other_classes=other))
+    assert verdict == 'pass' and f'PGD-10 at 64/255 leaves {says}' in meaning
+
+
+def test_the_console_table_cell_names_each_warning_once_and_dashes_an_unchecked_entry():
+    def check(name, verdict):
+        return dict(name=name, verdict=verdict, meaning='...')
+    assert checks.table_cell(dict(accuracy=0.5)) == '-', 'checks were not run'
+    assert checks.table_cell(dict(checks=[])) == 'pass'
+    assert checks.table_cell(dict(checks=[check('a', 'pass'), check('b', 'pass')])) == 'pass'
+    assert checks.table_cell(dict(checks=[
+        check('b', 'warn'), check('a', 'pass'), check('c', 'warn'), check('b', 'warn')])) \
+        == '3 warn: b, c'
+
+
 def test_each_checks_numbers_are_counted_from_the_attacks_per_example_results():
     """Per-example results given by hand (True: still correct), in the probe's cache of
     attacks, so every count the checks report is known."""

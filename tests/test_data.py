@@ -1,4 +1,5 @@
 """CIFAR files in, device batches out: layout checks, safe unpickling, augmentation."""
+import hashlib
 import os
 import pickle
 import socket
@@ -130,6 +131,25 @@ def test_data_that_is_not_the_official_release_is_noted_unless_asked_to_be_quiet
                                        'official CIFAR-100 release (10 test images)\n')
     load_dataset('cifar100', str(tmp_path), train=False, quiet=True)
     assert capsys.readouterr().out == ''
+
+
+def test_the_note_names_a_split_with_any_file_not_the_official_one(tmp_path, capsys,
+                                                                    monkeypatch):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    folder = tmp_path / 'cifar-10-batches-py'
+    md5s = {name: hashlib.md5((folder / name).read_bytes()).hexdigest()
+            for name in os.listdir(folder)}
+    monkeypatch.setattr(utils, '_official_md5s', lambda dataset: dict(md5s))
+    load_cifar('cifar10', str(tmp_path), train=True)
+    assert capsys.readouterr().out == '', 'every file is the official one'
+    # One training file of five differs: the split is not the official release.
+    monkeypatch.setattr(utils, '_official_md5s',
+                        lambda dataset: dict(md5s, data_batch_3='0' * 32))
+    load_cifar('cifar10', str(tmp_path), train=True)
+    assert capsys.readouterr().out == f'note: {folder} is not the official CIFAR-10 release ' \
+                                      '(50 train images)\n'
+    load_cifar('cifar10', str(tmp_path), train=False)
+    assert capsys.readouterr().out == '', 'the test file is still the official one'
 
 
 @pytest.mark.parametrize('dataset, num_classes, classes', [('cifar10', None, 10),
@@ -390,6 +410,9 @@ HUGE = (10 ** 6, 10 ** 6)
     (hex_chain(25), 2, "refused _codecs.encode with 'hex'"),
     (Reduce(bytes, (10 ** 12,)), 2, 'refused bytes() with arguments'),
     (Reduce(bytes, (10 ** 12,)), 5, 'refused bytes() with arguments'),
+    # Each array fits in the file, all of them together do not: the budget is for the file.
+    ([Reduce(RECONSTRUCT, (np.ndarray, (2 ** 14,), b'b')) for _ in range(2000)], 2,
+     'an array of shape (16384,)'),
 ])
 def test_a_tiny_pickle_declaring_a_huge_array_is_refused_before_allocating(
         tmp_path, payload, protocol, message):

@@ -184,6 +184,24 @@ def test_a_process_of_a_multi_node_run_takes_its_global_rank_and_its_nodes_gpu(
     assert [str(d) for d in chosen] == ([expected] if device == 'cuda' else [])
 
 
+@pytest.mark.parametrize('environment', [
+    dict(WORLD_SIZE='2', RANK='0'),  # a half-set environment, not torchrun's
+    dict(WORLD_SIZE='2', LOCAL_RANK='0'),
+    dict(WORLD_SIZE='1', RANK='0', LOCAL_RANK='0'),  # torchrun --nproc_per_node=1
+    dict(RANK='0', LOCAL_RANK='0'),
+])
+def test_a_process_not_one_of_several_that_torchrun_started_trains_alone(monkeypatch,
+                                                                         environment):
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ddp.dist, 'init_process_group',
+                        lambda *args, **kwargs: pytest.fail('joined a process group'))
+    dist = ddp.Distributed.from_env('cpu')
+    assert (dist.rank, dist.local_rank, dist.world_size, dist.enabled) == (0, 0, 1, False)
+
+
 GRADIENT_AND_EVAL_SCRIPT = '''
 import copy, json, sys
 import torch

@@ -345,6 +345,21 @@ def test_summarize_table(tmp_path):
     assert (rows[2]['best PGD'], rows[2]['final PGD']) == ('0.00%', '0.00%')
 
 
+def test_where_a_run_trained_and_found_its_data_is_not_a_changed_flag(tmp_path):
+    run = write_run(tmp_path, 'run', ['--epochs', '3', '--device', 'cpu'], [(60, 0, 0.5, 0.25)],
+                    resume='/r')
+    config = runs.read_config(str(run))
+    assert (config['device'], config['resume']) == ('cpu', '/r')
+    assert summarize_module.changed_flags(config) == ['--epochs 3']
+
+
+def test_a_run_named_with_a_trailing_slash_is_its_folders_name(tmp_path, capsys):
+    run = write_run(tmp_path, 'run-a', [], [(60, 0, 0.5, 0.25)])
+    code, out, err = summarize_in_process(capsys, f'{run}{os.sep}')
+    assert code == 0, err
+    assert [row['run'] for row in table_rows(out)] == ['run-a']
+
+
 def test_summarize_counts_the_checks_that_warned(tmp_path, capsys):
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
     write_results(run / 'results.json', [(run / name, sha256_file(run / name), 0.3)

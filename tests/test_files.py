@@ -1,5 +1,6 @@
 """files.py: writes that never leave a partial file, new names that never replace one, and
 what a kill leaves behind, removed only when its writer is dead."""
+import errno
 import fcntl
 import hashlib
 import os
@@ -31,7 +32,13 @@ def test_only_the_temporaries_of_the_named_files_whose_writer_died_are_removed(t
     assert files.remove_stale_temporaries(str(tmp_path / 'absent'), ['x']) == []
 
 
-def test_a_new_file_never_replaces_one_and_takes_the_next_free_number(tmp_path):
+@pytest.mark.parametrize('hard_links', [True, False])
+def test_a_new_file_never_replaces_one_and_takes_the_next_free_number(tmp_path, monkeypatch,
+                                                                      hard_links):
+    if not hard_links:  # a file system without them (some network or FUSE mounts)
+        def link(source, destination):
+            raise OSError(errno.EPERM, 'Operation not permitted', source)
+        monkeypatch.setattr(os, 'link', link)
     paths = [files.create_new_text_file(str(tmp_path), 'results.json', f'{n}') for n in range(3)]
     assert [os.path.basename(p) for p in paths] == ['results.json', 'results-2.json',
                                                    'results-3.json']

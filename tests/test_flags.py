@@ -2,6 +2,7 @@
 what a resume keeps and what it may change."""
 import pytest
 
+import base
 import cli
 import flags
 from utils import InputError
@@ -23,6 +24,16 @@ def test_every_default_is_the_one_method_md_gives(dataset):
     assert {k: getattr(args, k) for k in METHOD_DEFAULTS} == METHOD_DEFAULTS
     assert args.data_dir == f'{dataset}-data' and args.dataset == dataset
 
+
+
+def test_tiny_imagenet_defaults_are_the_authors_tiny_imagenet_script():
+    # METHOD.md, Tiny-ImageNet-200: written out by hand, not read from flags.py.
+    tiny = dict(METHOD_DEFAULTS, batch_size=64, lr_max=0.2, lamda=42.0, mixup_alpha=1.0,
+                ema_value=0.55, ema_decay_max=0.55, con_reference='start',
+                lr_schedule='cyclic', lr_peak=20 / 110, augment=False)
+    args, _ = flags.parse_args('tinyimagenet', [])
+    assert {k: getattr(args, k) for k in tiny} == tiny
+    assert args.dataset == 'tinyimagenet'
 
 # (flag, values accepted at the edges of its range, values just past them)
 EDGES = [
@@ -126,6 +137,16 @@ def test_a_config_json_value_the_parser_could_not_have_made_is_named():
                        ('augment', 1), ('epochs', 2.5), ('width', 0), ('lr_max', True)):
         assert flags.config_problems(dict(config, **{key: value})) == \
             [f'{key} {value!r}'], (key, value)
+
+
+@pytest.mark.parametrize('text,limit,shown', [
+    ('a  b\n\tc ', 300, 'a b c'),
+    ('x' * 10, 10, 'x' * 10),
+    ('x' * 11, 10, 'x' * 7 + '...'),
+    (['a', 'b'], 300, "['a', 'b']"),
+])
+def test_a_value_quoted_in_a_message_is_one_line_of_at_most_its_limit(text, limit, shown):
+    assert base.one_line(text, limit) == shown
 
 
 def test_the_exit_rules_give_each_failure_its_status_and_one_line(capsys):

@@ -236,6 +236,66 @@ def test_the_grid_figure_plots_each_seeds_per_epoch_pgd_accuracy(tmp_path):
     assert {(s['attack'], s['split']) for s in series} == {('PGD-10', 'test')}
 
 
+@pytest.mark.parametrize('status', ['failed', 'diverged'])
+def test_a_rerun_grid_reports_a_run_that_ended_for_good_and_starts_nothing(tmp_path, capsys,
+                                                                           status):
+    argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--method', 'fgsm_rs',
+            '--data-dir', str(tmp_path / 'no-data')]
+    combo, = grid.parse(argv)[1]
+    folder = combo.folder(str(tmp_path))
+    os.makedirs(folder)
+    grid.write_record(folder, combo, status=status, stage='train', exit_code=1,
+                      message='error: the first attempt')
+    assert grid.main(argv) == 0
+    record = grid.read_record(folder)
+    assert (record['status'], record['message']) == (status, 'error: the first attempt')
+    assert not os.path.exists(os.path.join(folder, grid.TRAIN_OUT)), 'nothing was started'
+    assert f'{status.upper()} {combo.name}: error: the first attempt' in capsys.readouterr().out
+
+
+def test_where_a_run_trains_and_finds_its_data_does_not_make_it_another_run(tmp_path):
+    def folder_name(*where):
+        combo, = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--method',
+                             'fgsm_rs', *where])[1]
+        return combo.name
+    assert folder_name('--device', 'cpu') == folder_name('--device', 'cuda:1') == \
+        folder_name('--data-dir', '/elsewhere') == folder_name()
+    assert folder_name('--seed', '1') != folder_name()
+
+
+def test_only_unstarted_run_directories_no_process_holds_are_removed(tmp_path):
+    def run_dir(name, *files):
+        path = tmp_path / name
+        path.mkdir()
+        for f in (runs.CONFIG, *files):
+            (path / f).write_text('{}')
+        return path
+    killed, training = run_dir('killed'), run_dir('training')
+    kept = [run_dir('interrupted', runs.CHECKPOINT), run_dir('finished', runs.FINAL),
+            training, tmp_path / 'not-a-run']
+    (tmp_path / 'not-a-run').mkdir()
+    lock = runs.lock_run_dir(str(training))  # a run in its first epoch, in another process
+    try:
+        grid.remove_unstarted(str(tmp_path))
+    finally:
+        lock.close()
+    assert not killed.exists() and all(path.is_dir() for path in kept)
+
+
+@pytest.mark.parametrize('lines,reported', [
+    (['epoch 1', 'error: first', 'Traceback', 'error: second', 'the end'], 'error: second'),
+    (['epoch 1', 'Killed'], 'Killed'),
+    (['', '  '], ''),
+    (['x', 'error: ' + 'y' * 400], 'error: ' + 'y' * 293),
+])
+def test_the_report_names_a_scripts_last_error_line_else_its_last_line(tmp_path, lines,
+                                                                       reported):
+    out = tmp_path / grid.TRAIN_OUT
+    out.write_text(''.join(f'{line}\n' for line in lines))
+    assert grid.last_error(str(out)) == reported
+    assert grid.last_error(str(tmp_path / 'missing.out')) == ''
+
+
 @pytest.mark.parametrize('retry', [False, True])
 def test_retry_failed_runs_a_failed_combination_again_never_a_diverged_one(tmp_path, retry):
     plan = every_run_done()

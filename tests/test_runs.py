@@ -2,6 +2,7 @@
 (every number known)."""
 import json
 import os
+import socket
 
 import pytest
 
@@ -122,6 +123,35 @@ def test_a_checkpoint_from_another_run_directory_is_named_field_by_field(tmp_pat
     (run / runs.CONFIG).write_text(json.dumps(config))
     with pytest.raises(runs.InputError, match='seed'):
         runs.read_config(str(run))
+
+
+@pytest.mark.parametrize('bad_row,value,message', [
+    (1, 'x', 'not a number'), (3, 'nan', 'not a finite number in one of'),
+    (2, '', 'not a finite number in one of')])
+def test_a_bad_metrics_value_is_named_by_its_line_in_the_file(tmp_path, bad_row, value,
+                                                              message):
+    # Line 1 is the header: the nth row is line n + 1, as an editor numbers them.
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)] * 3)
+    path = run / runs.METRICS
+    lines = path.read_text().splitlines(keepends=True)
+    column = lines[0].rstrip('\n').split(',').index('test_pgd_acc')
+    cells = lines[bad_row].rstrip('\n').split(',')
+    cells[column] = value
+    lines[bad_row] = ','.join(cells) + '\n'
+    path.write_text(''.join(lines))
+    with pytest.raises(runs.InputError) as error:
+        runs.read_metrics(str(run))
+    assert str(error.value).startswith(f'{path}, line {bad_row + 1}: {message}')
+
+
+def test_a_run_directory_lock_names_only_the_process_holding_it_now(tmp_path):
+    (tmp_path / runs.LOCK).write_text('process 1 on a-machine-that-crashed\n')
+    lock = runs.lock_run_dir(str(tmp_path))
+    try:
+        assert (tmp_path / runs.LOCK).read_text() == \
+            f'process {os.getpid()} on {socket.gethostname()}\n'
+    finally:
+        lock.close()
 
 
 def test_accuracies_of_0_and_1_are_read_and_anything_past_them_refused(tmp_path):

@@ -280,14 +280,18 @@ def test_an_image_rewritten_with_its_size_and_mtime_kept_rebuilds_the_cache(tmp_
     assert torch.equal(x[0], pil_pixels(path))
 
 
-def test_text_files_with_a_utf8_byte_order_mark_load(tmp_path):
-    """Editors on Windows write one: wnids.txt and val_annotations.txt load all the same."""
+@pytest.mark.parametrize('edit', [
+    lambda text: '\ufeff' + text,  # a UTF-8 byte order mark, as editors on Windows write
+    lambda text: '\n' + text.replace('\n', '\n\n', 2) + '\n  \n',  # blank lines
+    lambda text: text.replace('\n', '\r\n'),  # Windows line ends
+], ids=['byte order mark', 'blank lines', 'crlf'])
+def test_text_files_as_editors_leave_them_load_all_the_same(tmp_path, edit):
     base = make(tmp_path)
     x, y = load(tmp_path, train=False)
     for name in ('wnids.txt', os.path.join('val', 'val_annotations.txt')):
-        rewrite(os.path.join(base, name), lambda text: '\ufeff' + text)
-    x_bom, y_bom = load(tmp_path, train=False)
-    assert torch.equal(x_bom, x) and torch.equal(y_bom, y)
+        rewrite(os.path.join(base, name), edit)
+    x_edited, y_edited = load(tmp_path, train=False)
+    assert torch.equal(x_edited, x) and torch.equal(y_edited, y)
     _, y_train = load(tmp_path, train=True)
     assert y_train.unique().tolist() == list(range(4))
 
