@@ -194,6 +194,23 @@ def test_autoattack_warnings_are_shown_as_they_are_and_other_messages_only_logge
     assert line == (f'AutoAttack: {message}' if shown else None)
 
 
+def test_the_printed_table_is_markdown_a_column_per_checkpoint_a_row_per_attack(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    def entry(checkpoint, clean, pgd, **more):
+        return dict(checkpoint=str(tmp_path / checkpoint), **more, attacks=dict(
+            clean=dict(accuracy=clean), pgd10=dict(accuracy=pgd)))
+    report = dict(attacks=['clean', 'pgd10'], results=[
+        entry('best.pth', 0.8, 0.5), entry('run/final.pth', 0.81234, 0.0,
+                                           checks=[dict(name='x', verdict='warn')])])
+    assert evaluate.format_table(report).splitlines() == [
+        '| attack | best.pth | run/final.pth |',
+        '|---|---|---|',
+        f'| {evaluate.LABELS["clean"]} | 80.00% | 81.23% |',
+        f'| {evaluate.LABELS["pgd10"]} | 50.00% | 0.00% |',
+        '| checks | - | 1 warn: x |']
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints
 

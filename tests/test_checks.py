@@ -258,6 +258,18 @@ def test_each_judgement_warns_on_numbers_that_must_warn(judge, numbers, verdict)
     assert meaning and '\n' not in meaning
 
 
+def test_the_checks_attack_their_examples_and_square_only_the_first_of_them():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
+    X = torch.rand(40, 3, 4, 4, generator=g)
+    y = torch.randint(0, 10, (40,), generator=g)
+    settings = checks.Settings(examples=24, square_examples=8, square_queries=10)
+    found = checks.run_checks(model, X, y, EPS, 0, 16, settings)
+    examples = {c['name']: c['numbers']['examples'] for c in found}
+    assert examples.pop('black_box') == 8
+    assert len(examples) == len(checks.CHECKS) - 1 and set(examples.values()) == {24}
+
+
 @pytest.mark.parametrize('kept,accuracy,other,says', [
     (0, 0.1, 0.0, '0.1000 correct, 0.0000 outside class 0 (a model that answers one class'),
     (4, 0.02, 0.01, '0.0200 correct, 0.0100 outside class 4 (a model that answers one class'),

@@ -384,6 +384,18 @@ def test_a_copy_saved_with_any_pickle_protocol_loads(tmp_path, protocol, labels)
         assert torch.equal(x, expected[train][0]) and torch.equal(y, expected[train][1])
 
 
+def test_a_copy_resaved_with_bytes_keys_loads(tmp_path):
+    # pickle.load(f, encoding='bytes') then pickle.dump, as some conversion scripts do:
+    # the keys become b'data', b'labels', b'batch_label', ...
+    write_synthetic_cifar(str(tmp_path), 'cifar100', n_train=20, n_test=10)
+    expected = load_cifar('cifar100', str(tmp_path), train=True, quiet=True)
+    path = tmp_path / 'cifar-100-python' / 'train'
+    batch = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({k.encode(): v for k, v in batch.items()}))
+    x, y = load_cifar('cifar100', str(tmp_path), train=True, quiet=True)
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+
+
 def test_arrays_pickled_by_python_2_with_their_data_as_text_load(tmp_path):
     # The official release was written by Python 2: an array's data is a str there, which
     # Python 3 reads back as latin-1 text.

@@ -184,6 +184,21 @@ def test_a_process_of_a_multi_node_run_takes_its_global_rank_and_its_nodes_gpu(
     assert [str(d) for d in chosen] == ([expected] if device == 'cuda' else [])
 
 
+@pytest.mark.parametrize('local_rank', ['2', '3'])
+def test_more_processes_on_a_node_than_its_gpus_are_refused_before_joining(monkeypatch,
+                                                                          local_rank):
+    for name, value in (('WORLD_SIZE', '4'), ('RANK', local_rank), ('LOCAL_RANK', local_rank)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ddp.dist, 'init_process_group',
+                        lambda *args, **kwargs: pytest.fail('joined a process group'))
+    monkeypatch.setattr(ddp, 'resolve_device', lambda name: torch.device(name))
+    monkeypatch.setattr(ddp.torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(ddp.torch.cuda, 'set_device', lambda device: pytest.fail('set a GPU'))
+    with pytest.raises(InputError, match=f'LOCAL_RANK {local_rank} but only 2 GPUs are '
+                                         'visible: use --nproc_per_node <= the number of GPUs'):
+        ddp.Distributed.from_env('cuda')
+
+
 @pytest.mark.parametrize('environment', [
     dict(WORLD_SIZE='2', RANK='0'),  # a half-set environment, not torchrun's
     dict(WORLD_SIZE='2', LOCAL_RANK='0'),
@@ -204,6 +219,7 @@ def test_a_process_not_one_of_several_that_torchrun_started_trains_alone(monkeyp
 
 GRADIENT_AND_EVAL_SCRIPT = '''
 import copy, json, sys
+from types import SimpleNamespace
 import torch
 import mixkl, training
 from ddp import Distributed, SyncedTeacher, wrap_ddp
@@ -267,6 +283,16 @@ rng_before = torch.get_rng_state()
 out['distributed'] = evaluate(dist)
 out['single'] = evaluate(None)
 out['rng_untouched'] = torch.equal(rng_before, torch.get_rng_state())
+
+# The overfitting alarm's batch is split the same way: rank 0's half is labelled with the
+# model's predictions, rank 1's half wrongly; at epsilon 0 FGSM and PGD leave 8 of 16.
+with torch.no_grad():
+    predicted = model.eval()(x_eval[:16]).argmax(1)
+y_alarm = torch.cat([predicted[:8], (predicted[8:] + 1) % 10])
+trainer = SimpleNamespace(alarm_batch=(x_eval[:16], y_alarm), hp=SimpleNamespace(epsilon=0.0),
+                          dist=dist, student=model, pgd_alpha=0.0,
+                          args=SimpleNamespace(pgd_iters=2))
+out['alarm'] = training.Trainer._alarm_accuracies(trainer)
 if rank == 0:
     json.dump(out, open(sys.argv[1], 'w'))
 dist.close()
@@ -287,6 +313,16 @@ def test_gradients_averaged_and_evaluation_split(tmp_path):
     assert out['distributed'] == out['single']
     assert 0 < out['single'][1] < out['single'][0]  # PGD breaks some, not all
     assert out['rng_untouched']
+    assert out['alarm'] == [0.5, 0.5]
+
+
+def test_a_run_saved_before_its_process_count_was_recorded_resumes_as_one_process():
+    training.check_world_size({}, 'run', 1)
+    training.check_world_size({'world_size': 2}, 'run', 2)
+    with pytest.raises(InputError, match=r'run: the run was trained by 1 process\(es\) and must '
+                                         r'be resumed by as many \(python, without torchrun\), '
+                                         r'not 2'):
+        training.check_world_size({}, 'run', 2)
 
 
 @pytest.mark.parametrize('n, batch_size, world_size, smallest', [

@@ -137,6 +137,10 @@ def test_a_config_json_value_the_parser_could_not_have_made_is_named():
                        ('augment', 1), ('epochs', 2.5), ('width', 0), ('lr_max', True)):
         assert flags.config_problems(dict(config, **{key: value})) == \
             [f'{key} {value!r}'], (key, value)
+    # A run trained on another machine's GPU is read here too (summarize, a resume with
+    # --device cpu): its device is not checked against this machine's.
+    assert flags.config_problems(dict(config, device='cuda:1')) == []
+    assert flags.config_problems(dict(config, device='cuda\0')) == ["device 'cuda\\x00'"]
 
 
 @pytest.mark.parametrize('text,limit,shown', [

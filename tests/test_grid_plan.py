@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -280,6 +281,31 @@ def test_only_unstarted_run_directories_no_process_holds_are_removed(tmp_path):
     finally:
         lock.close()
     assert not killed.exists() and all(path.is_dir() for path in kept)
+
+
+@pytest.mark.parametrize('slurm,record,finished,queued', [
+    ('slurm', dict(status='submitted', job_id='12'), False, True),
+    ('slurm', dict(status='running', job_id='12'), False, True),  # started by its job
+    ('slurm', dict(status='running', job_id='12'), True, False),  # the job is over
+    ('slurm', dict(status='running'), False, False),  # run by a local grid, not a job
+    ('slurm', dict(status='pending', job_id='12'), False, False),
+    ('slurm', dict(status='done', job_id='12'), False, False),
+    ('local', dict(status='running', job_id='12'), False, False),  # submitit's local jobs
+])
+def test_a_slurm_job_an_earlier_grid_submitted_is_waited_for_until_it_is_over(
+        tmp_path, monkeypatch, slurm, record, finished, queued):
+    class SlurmJob:
+        def __init__(self, folder, job_id):
+            self.folder, self.job_id = folder, job_id
+
+        def done(self):
+            return finished
+    monkeypatch.setitem(sys.modules, 'submitit', SimpleNamespace(SlurmJob=SlurmJob))
+    job = grid.queued_job(SimpleNamespace(slurm=slurm, out_dir=str(tmp_path)), record)
+    if not queued:
+        assert job is None
+    else:
+        assert (job.folder, job.job_id) == (str(tmp_path / 'slurm'), '12')
 
 
 @pytest.mark.parametrize('lines,reported', [

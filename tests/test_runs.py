@@ -125,6 +125,17 @@ def test_a_checkpoint_from_another_run_directory_is_named_field_by_field(tmp_pat
         runs.read_config(str(run))
 
 
+@pytest.mark.parametrize('arch,name', [
+    ('preactresnet18', 'cifar100-pgd_at-seed3'),  # the authors' network, as runs were named
+    ('wrn34-10', 'cifar100-wrn34-10-pgd_at-seed3'),
+])
+def test_a_run_directory_is_named_after_its_dataset_architecture_method_and_seed(
+        tmp_path, arch, name):
+    assert runs.run_name('cifar100', arch, 'pgd_at', 3) == name
+    run_dir = runs.new_run_dir(str(tmp_path), 'cifar100', arch, 'pgd_at', 3)
+    assert os.path.basename(run_dir).startswith(name + '-')
+
+
 @pytest.mark.parametrize('bad_row,value,message', [
     (1, 'x', 'not a number'), (3, 'nan', 'not a finite number in one of'),
     (2, '', 'not a finite number in one of')])

@@ -502,6 +502,18 @@ def bad_annotation_with_a_non_integer_box(base):
     return False, path, 'line 1 is not file<TAB>wnid<TAB>x0'
 
 
+def bad_annotation_with_a_seventh_field(base):
+    wnid = listed_wnids(base)[0]
+    path = unparseable(base, f'val_0.JPEG\t{wnid}\t1\t2\t3\t4\t5')
+    return False, path, 'line 1 is not file<TAB>wnid<TAB>x0'
+
+
+def bad_annotation_with_five_fields(base):
+    wnid = listed_wnids(base)[0]
+    path = unparseable(base, f'val_0.JPEG\t{wnid}\t1\t2\t3')
+    return False, path, 'line 1 is not file<TAB>wnid<TAB>x0'
+
+
 def bad_annotation_of_an_unknown_class(base):
     path = unparseable(base, 'val_0.JPEG\tn99999999\t1\t2\t3\t4')
     return False, path, 'line 1 names class n99999999, which is not one of the 4 classes'
