@@ -275,7 +275,7 @@ def test_only_unstarted_run_directories_no_process_holds_are_removed(tmp_path):
     kept = [run_dir('interrupted', runs.CHECKPOINT), run_dir('finished', runs.FINAL),
             training, tmp_path / 'not-a-run']
     (tmp_path / 'not-a-run').mkdir()
-    lock = runs.lock_run_dir(str(training))  # a run in its first epoch, in another process
+    lock = runs.lock_run_dir(str(training))  # held as a run in its first epoch holds it
     try:
         grid.remove_unstarted(str(tmp_path))
     finally:
