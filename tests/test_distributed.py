@@ -165,18 +165,30 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
         assert same_weights(os.path.join(run_dir, name), os.path.join(reference_dir, name)), name
 
 
+def torchrun_environment(monkeypatch, **variables):
+    """This process's WORLD_SIZE, RANK and LOCAL_RANK: those of ``variables``, no others."""
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def on_a_node_with_two_gpus(monkeypatch):
+    """CUDA as a node with 2 GPUs shows it (process groups and GPUs are the test's stubs)."""
+    monkeypatch.setattr(ddp, 'resolve_device', lambda name: torch.device(name))
+    monkeypatch.setattr(ddp.torch.cuda, 'device_count', lambda: 2)
+
+
 @pytest.mark.parametrize('device, backend, expected', [('cpu', 'gloo', 'cpu'),
                                                       ('cuda', 'nccl', 'cuda:1')])
 def test_a_process_of_a_multi_node_run_takes_its_global_rank_and_its_nodes_gpu(
         monkeypatch, device, backend, expected):
     """The second process of the second node of 2 x 2: RANK 3, LOCAL_RANK 1."""
-    for name, value in (('WORLD_SIZE', '4'), ('RANK', '3'), ('LOCAL_RANK', '1')):
-        monkeypatch.setenv(name, value)
+    torchrun_environment(monkeypatch, WORLD_SIZE='4', RANK='3', LOCAL_RANK='1')
     joined, chosen = [], []
     monkeypatch.setattr(ddp.dist, 'init_process_group',
                         lambda backend, **kwargs: joined.append(backend))
-    monkeypatch.setattr(ddp, 'resolve_device', lambda name: torch.device(name))
-    monkeypatch.setattr(ddp.torch.cuda, 'device_count', lambda: 2)  # this node's GPUs
+    on_a_node_with_two_gpus(monkeypatch)
     monkeypatch.setattr(ddp.torch.cuda, 'set_device', chosen.append)
     dist = ddp.Distributed.from_env(device)
     assert (dist.rank, dist.local_rank, dist.world_size, dist.is_main) == (3, 1, 4, False)
@@ -187,12 +199,10 @@ def test_a_process_of_a_multi_node_run_takes_its_global_rank_and_its_nodes_gpu(
 @pytest.mark.parametrize('local_rank', ['2', '3'])
 def test_more_processes_on_a_node_than_its_gpus_are_refused_before_joining(monkeypatch,
                                                                           local_rank):
-    for name, value in (('WORLD_SIZE', '4'), ('RANK', local_rank), ('LOCAL_RANK', local_rank)):
-        monkeypatch.setenv(name, value)
+    torchrun_environment(monkeypatch, WORLD_SIZE='4', RANK=local_rank, LOCAL_RANK=local_rank)
     monkeypatch.setattr(ddp.dist, 'init_process_group',
                         lambda *args, **kwargs: pytest.fail('joined a process group'))
-    monkeypatch.setattr(ddp, 'resolve_device', lambda name: torch.device(name))
-    monkeypatch.setattr(ddp.torch.cuda, 'device_count', lambda: 2)
+    on_a_node_with_two_gpus(monkeypatch)
     monkeypatch.setattr(ddp.torch.cuda, 'set_device', lambda device: pytest.fail('set a GPU'))
     with pytest.raises(InputError, match=f'LOCAL_RANK {local_rank} but only 2 GPUs are '
                                          'visible: use --nproc_per_node <= the number of GPUs'):
@@ -207,10 +217,7 @@ def test_more_processes_on_a_node_than_its_gpus_are_refused_before_joining(monke
 ])
 def test_a_process_not_one_of_several_that_torchrun_started_trains_alone(monkeypatch,
                                                                          environment):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    torchrun_environment(monkeypatch, **environment)
     monkeypatch.setattr(ddp.dist, 'init_process_group',
                         lambda *args, **kwargs: pytest.fail('joined a process group'))
     dist = ddp.Distributed.from_env('cpu')

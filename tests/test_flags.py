@@ -25,7 +25,6 @@ def test_every_default_is_the_one_method_md_gives(dataset):
     assert args.data_dir == f'{dataset}-data' and args.dataset == dataset
 
 
-
 def test_tiny_imagenet_defaults_are_the_authors_tiny_imagenet_script():
     # METHOD.md, Tiny-ImageNet-200: written out by hand, not read from flags.py.
     tiny = dict(METHOD_DEFAULTS, batch_size=64, lr_max=0.2, lamda=42.0, mixup_alpha=1.0,
@@ -34,6 +33,7 @@ def test_tiny_imagenet_defaults_are_the_authors_tiny_imagenet_script():
     args, _ = flags.parse_args('tinyimagenet', [])
     assert {k: getattr(args, k) for k in tiny} == tiny
     assert args.dataset == 'tinyimagenet'
+
 
 # (flag, values accepted at the edges of its range, values just past them)
 EDGES = [
