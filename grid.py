@@ -865,12 +865,15 @@ def write_manifest(grid):
 def parse(argv=None):
     """The grid's own flags (a namespace) and its combinations; InputError for bad input."""
     parser = build_parser()
+    parser.error = flags.raise_input_error  # one 'error:' line, as the scripts give
     grid, rest = parser.parse_known_args(argv)
     if grid.slurm and (grid.gpus is not None or grid.parallel != 1):
         parser.error('--gpus and --parallel are for a local grid; with --slurm each run is a job')
     for option in grid.sbatch:
         if '=' not in option:
             parser.error(f'--sbatch {option}: KEY=VALUE, e.g. --sbatch account=abc')
+    if not grid.slurm:
+        local_slots(grid)  # --gpus checked against --gpus-per-run before anything is written
     axes, grid.eval_argv = sort_flags(grid.dataset, rest)
     # The evaluation flags, checked once by the test script's own parser.
     test_parser = evaluate.build_parser(grid.dataset)

@@ -194,6 +194,27 @@ def test_autoattack_warnings_are_shown_as_they_are_and_other_messages_only_logge
     assert line == (f'AutoAttack: {message}' if shown else None)
 
 
+def test_autoattack_progress_lines_number_each_attack_by_its_place_in_the_version(capsys):
+    echo = evaluate.AutoAttackProgress()
+    messages = [
+        ('using standard version including apgd-ce, apgd-t, fab-t, square.',
+         'AutoAttack (standard): apgd-ce, apgd-t, fab-t, square'),
+        ('initial accuracy: 80.00%', 'AutoAttack: 80.00% correct before attacking'),
+        ('running apgd-t', 'AutoAttack 2/4 APGD-T: running'),
+        ('apgd-t - 3/20 - 41 out of 500 successfully perturbed',
+         'AutoAttack 2/4 APGD-T: batch 3/20, 41 of 500 broken'),
+        ('robust accuracy after APGD-T: 41.00% (total time 12.34 s)',
+         'AutoAttack 2/4 APGD-T: 41.00% robust (12.3 s so far)'),
+        ('running square', 'AutoAttack 4/4 Square: running'),
+        ('running apgd-dlr', 'AutoAttack APGD-DLR: running'),  # not in this version's list
+        ('robust accuracy: 40.00%', 'AutoAttack: 40.00% robust after all attacks'),
+    ]
+    for message, _ in messages:
+        echo.emit(logging.LogRecord('autoattack', logging.DEBUG, __file__, 1, message, None,
+                                    None))
+    assert capsys.readouterr().out.splitlines() == [f'    {line}' for _, line in messages]
+
+
 def test_the_printed_table_is_markdown_a_column_per_checkpoint_a_row_per_attack(tmp_path,
                                                                                monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -31,6 +31,13 @@ def test_flags_are_read_with_and_without_an_equals_sign():
     (['--n_ex', '10', '20'], '--n_ex 10 20: a flag of the test script takes one value'),
     (['--n_ex', '0'], 'argument --n_ex/--n-ex: 0 must be >= 1'),
     (['--lr-schedule', 'cyclic', '--momentum-min', '0.95'], '--momentum 0.9: the cyclic'),
+    (['--gpus', '0,x'], 'argument --gpus: \'0,x\' is not "all" or a comma list of GPU numbers'),
+    (['--gpus', '0,1,0'], "argument --gpus: '0,1,0': GPU numbers are distinct and >= 0"),
+    (['--gpus', '1,-1'], "argument --gpus: '1,-1': GPU numbers are distinct and >= 0"),
+    (['--gpus', '0,1', '--gpus-per-run', '3'], '--gpus-per-run 3 but only 2 GPU(s) in --gpus'),
+    (['--slurm', 'local', '--gpus', '0'], '--gpus and --parallel are for a local grid'),
+    (['--slurm', 'local', '--parallel', '2'], '--gpus and --parallel are for a local grid'),
+    (['--slurm', 'local', '--sbatch', 'account'], '--sbatch account: KEY=VALUE'),
 ])
 def test_bad_flags_are_refused_before_any_run_starts(tmp_path, capsys, extra, message):
     code = grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--data-dir',
@@ -82,6 +89,25 @@ def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
     assert [s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)] == \
         [str(max(1, os.cpu_count() // 2))] * 2
     assert grid.command(['a.py'], grid.Slot()) == [sys.executable, 'a.py']
+
+
+def test_gpus_all_is_every_gpu_of_the_machine_and_refused_on_one_without(monkeypatch):
+    import torch
+    parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
+                                             '--gpus', 'all'])
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 3)
+    assert [s.gpus for s in grid.local_slots(parsed)] == [[0], [1], [2]]
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    with pytest.raises(grid.InputError, match='^--gpus all: no GPU on this machine$'):
+        grid.local_slots(parsed)
+
+
+def test_the_report_says_where_each_run_executes():
+    assert grid.Slot([2, 3], processes=2).describe() == 'GPU 2,3, 2 processes'
+    assert grid.Slot([1]).describe() == 'GPU 1'
+    assert grid.Slot(threads=1).describe() == '1 thread'
+    assert grid.Slot(threads=4, processes=2).describe() == '2 processes, 4 threads'
+    assert grid.Slot().describe() == ''
 
 
 # ---------------------------------------------------------------------------
