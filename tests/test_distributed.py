@@ -209,6 +209,19 @@ def test_more_processes_on_a_node_than_its_gpus_are_refused_before_joining(monke
         ddp.Distributed.from_env('cuda')
 
 
+@pytest.mark.parametrize('device', ['cuda:0', 'cuda:1'])
+def test_a_numbered_gpu_under_torchrun_is_refused_each_process_takes_its_local_rank(
+        monkeypatch, device):
+    torchrun_environment(monkeypatch, WORLD_SIZE='2', RANK='0', LOCAL_RANK='0')
+    monkeypatch.setattr(ddp.dist, 'init_process_group',
+                        lambda *args, **kwargs: pytest.fail('joined a process group'))
+    on_a_node_with_two_gpus(monkeypatch)
+    with pytest.raises(InputError, match=rf'^--device {device}: under torchrun each process '
+                                         r'uses cuda:LOCAL_RANK; pass --device cuda \(or leave '
+                                         r'it out\)$'):
+        ddp.Distributed.from_env(device)
+
+
 @pytest.mark.parametrize('environment', [
     dict(WORLD_SIZE='2', RANK='0'),  # a half-set environment, not torchrun's
     dict(WORLD_SIZE='2', LOCAL_RANK='0'),

@@ -360,6 +360,27 @@ def test_a_run_named_with_a_trailing_slash_is_its_folders_name(tmp_path, capsys)
     assert [row['run'] for row in table_rows(out)] == ['run-a']
 
 
+def test_summarize_shows_a_switch_by_its_flag_and_a_run_without_an_epoch_as_dashes(tmp_path,
+                                                                                     capsys):
+    started = write_run(tmp_path, 'started', ['--sync-bn', '--epochs', '5'], [])
+    code, out, err = summarize_in_process(capsys, started)
+    assert code == 0, err
+    row, = table_rows(out)
+    assert (row['changed flags'], row['epochs'], row['minutes']) == ('--epochs 5 --sync-bn', '0/5',
+                                                                     '-')
+    assert [row[k] for k in ('best epoch', 'best clean', 'best PGD', 'final clean',
+                             'final PGD')] == ['-'] * 5
+
+
+def test_summarize_needs_a_run_directory_not_only_evaluations(tmp_path, capsys):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    write_results(tmp_path / 'results.json', [(run / 'best_model.pth', '0' * 64, 0.3)])
+    code, out, err = summarize_in_process(capsys, tmp_path / 'results.json')
+    assert (code, out) == (2, '')
+    assert err == 'error: no run directory among the arguments (a run directory holds ' \
+                  'config.json)\n'
+
+
 def test_summarize_counts_the_checks_that_warned(tmp_path, capsys):
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
     write_results(run / 'results.json', [(run / name, sha256_file(run / name), 0.3)

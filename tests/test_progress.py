@@ -67,3 +67,23 @@ def test_a_resumed_epoch_estimates_what_is_left_from_its_own_steps(a_minute_per_
                                  unit='steps', every_s=600, stream=out)
     assert list(bar) == list(range(10))
     assert out.getvalue() == 'epoch 2/3: 60/100 steps, 10.0 min, about 40.0 min left\n'
+
+
+def test_a_terminal_gets_a_tqdm_bar_with_the_given_settings(monkeypatch):
+    terminal = types.SimpleNamespace(isatty=lambda: True, write=lambda text: None,
+                                     flush=lambda: None)
+    monkeypatch.setattr(progress, 'sys', types.SimpleNamespace(stderr=terminal))
+    bar = progress.progress(range(3), total=5, desc='epoch 1/3', initial=2, leave=True,
+                            unit='steps')
+    assert isinstance(bar, progress.tqdm) and not isinstance(bar, progress.PlainProgress)
+    assert (bar.desc, bar.total, bar.n, bar.leave, bar.disable, bar.unit) == \
+        ('epoch 1/3', 5, 2, True, False, 'steps')
+    bar.close()
+    assert progress.progress(range(3), disable=True).disable
+
+
+def test_work_of_unknown_length_is_counted_without_an_estimate(a_minute_per_step):
+    out = io.StringIO()
+    bar = progress.PlainProgress((i for i in range(10)), desc='attack', every_s=300, stream=out)
+    assert list(bar) == list(range(10))
+    assert out.getvalue() == 'attack: 5 it, 5.0 min\nattack: 10 it, 10.0 min\n'

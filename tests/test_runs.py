@@ -174,3 +174,15 @@ def test_accuracies_of_0_and_1_are_read_and_anything_past_them_refused(tmp_path)
         bad = write_run(tmp_path, f'bad{value}', [], [(60, 0, value, 0.5)])
         with pytest.raises(runs.InputError, match='test_clean_acc not an accuracy in'):
             runs.read_metrics(str(bad))
+
+
+def test_a_run_before_its_first_epoch_has_no_rows_and_binary_records_are_refused(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    (run / runs.METRICS).unlink()  # killed before its first epoch ended
+    assert runs.read_metrics(str(run)) == []
+    (run / runs.METRICS).write_bytes(b'\xff\xfe epoch,seconds\n')
+    with pytest.raises(runs.InputError, match=r'metrics.csv: not a metrics file \('):
+        runs.read_metrics(str(run))
+    (run / 'config.json').write_bytes(b'{"method": "\xff"}')
+    with pytest.raises(runs.InputError, match=r'config.json: not a text file$'):
+        runs.read_config(str(run))

@@ -566,6 +566,24 @@ def bad_class_listed_twice(base):
     return True, path, 'is listed more than once'
 
 
+def bad_wnids_without_a_class(base):
+    path = os.path.join(base, 'wnids.txt')
+    rewrite(path, lambda text: '\n \n')
+    return True, path, 'lists no classes'
+
+
+def bad_wnids_not_utf8(base):
+    path = os.path.join(base, 'wnids.txt')
+    write_bytes(path, b'n0144\xff3537\n')
+    return True, path, 'not UTF-8 text'
+
+
+def bad_no_val_images_folder(base):
+    folder = os.path.join(base, 'val', 'images')
+    shutil.rmtree(folder)
+    return False, folder, 'missing; the Tiny-ImageNet-200 validation images belong there'
+
+
 def bad_hidden_class_name(base):
     path = os.path.join(base, 'wnids.txt')
     rewrite(path, lambda text: text + '.n00000001\n')  # hidden, like ._x.JPEG: not a class
