@@ -228,17 +228,27 @@ JUDGEMENTS = [
      dict(examples=100, fgsm_accuracy=0.85, pgd50_accuracy=0.02), 'warn'),
     (checks.judge_catastrophic_overfitting,
      dict(examples=100, fgsm_accuracy=0.6, pgd50_accuracy=0.25), 'warn'),
+    (checks.judge_catastrophic_overfitting,  # exactly half: not below it
+     dict(examples=100, fgsm_accuracy=0.5, pgd50_accuracy=0.25), 'pass'),
     (checks.judge_accuracy_falls_with_epsilon, falls(0.7, 0.5, 0.2), 'pass'),
     (checks.judge_accuracy_falls_with_epsilon, falls(0.0, 0.0, 0.0), 'pass'),  # nothing left
     (checks.judge_accuracy_falls_with_epsilon, falls(0.8, 0.8, 0.8), 'pass'),  # nothing found
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.4, 0.45), 'warn'),  # rises
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.5, 0.5), 'warn'),  # flat, bitten
+    # Flat at the large radius's 2% (nothing left to fall) or within the noise of the clean
+    # accuracy (nothing found): left to the other checks. Just past either, a warning.
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.02, 0.02, 0.02), 'pass'),
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.03, 0.03, 0.03), 'warn'),
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.75, 0.75, 0.75, clean=0.76), 'pass'),
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.75, 0.75, 0.75, clean=0.77), 'warn'),
     (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.02,
                                       class_kept_most=3, accuracy_other_classes=0.01), 'pass'),
     (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.1,  # collapsed
                                       class_kept_most=3, accuracy_other_classes=0.0), 'pass'),
     (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.05,
                                       class_kept_most=3, accuracy_other_classes=0.03), 'warn'),
+    (checks.judge_large_epsilon, dict(examples=100, epsilon_255=64, accuracy=0.1,
+                                      class_kept_most=3, accuracy_other_classes=0.02), 'pass'),
     (checks.judge_black_box,
      dict(examples=100, queries=1000, left_by_pgd50=50, broken_by_square=2), 'pass'),
     (checks.judge_black_box,

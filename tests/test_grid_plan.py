@@ -82,6 +82,8 @@ def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
     assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in slots] == ['0,1', '2,3']
     parsed.gpus = [0, 1, 2]  # the third GPU is too few for a run of 2: it stays idle
     assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in grid.local_slots(parsed)] == ['0,1']
+    parsed.gpus = [3, 1]  # just enough for one run
+    assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in grid.local_slots(parsed)] == ['3,1']
     assert grid.command(['MIX_KL_CIFAR10.py', '--seed', '1'], slots[0])[1:5] == \
         ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
