@@ -420,6 +420,19 @@ def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
     assert (len(trainer.train_loader.labels), len(trainer.eval_loader.labels)) == (1, 31)
 
 
+def test_the_validation_images_are_held_out_of_the_whole_set_before_train_examples_cuts_it(
+        tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=40, n_test=16, seed=2)
+    X, y = load_cifar('cifar10', str(tmp_path / 'data'), train=True, quiet=True)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--val-examples', '12',
+                                          '--train-examples', '16', '--eval-examples', '10'))
+    trainer.release()
+    train, held_out = trainer.train_loader, trainer.eval_loader
+    assert torch.equal(train.images, X[:16]) and torch.equal(train.labels, y[:16])
+    # The last 12 of all 40 images, of which the per-epoch evaluation takes the first 10.
+    assert torch.equal(held_out.images, X[28:38]) and torch.equal(held_out.labels, y[28:38])
+
+
 def test_a_resume_refuses_a_given_flag_that_differs_even_when_it_is_the_default(tiny_run):
     tmp, run_dir = tiny_run
     with pytest.raises(InputError, match='the run was trained with --lr-max 0.05, not 0.1'):
