@@ -313,6 +313,16 @@ trainer = SimpleNamespace(alarm_batch=(x_eval[:16], y_alarm), hp=SimpleNamespace
                           dist=dist, student=model, pgd_alpha=0.0,
                           args=SimpleNamespace(pgd_iters=2))
 out['alarm'] = training.Trainer._alarm_accuracies(trainer)
+
+# A step's numbers are summed over the ranks, the loss weighted by each rank's share:
+# rank 0 has 3 images at loss 1 (2 correct), rank 1 one image at loss 5 (1 correct) and a
+# stop request; the step's loss is 8 / 4, and both ranks stop.
+trainer = SimpleNamespace(dist=dist, step=0, stats=training.new_epoch_stats(),
+                          _stop_agreed=False, models=lambda: {'student': model})
+result = SimpleNamespace(loss=[1.0, 5.0][rank], correct=[2, 1][rank], n=[3, 1][rank],
+                         teacher_updated=1)
+training.Trainer._record(trainer, 0, result, SimpleNamespace(signum=[None, 15][rank]))
+out['record'] = dict(trainer.stats, stop=trainer._stop_agreed, step=trainer.step)
 if rank == 0:
     json.dump(out, open(sys.argv[1], 'w'))
 dist.close()
@@ -334,6 +344,8 @@ def test_gradients_averaged_and_evaluation_split(tmp_path):
     assert 0 < out['single'][1] < out['single'][0]  # PGD breaks some, not all
     assert out['rng_untouched']
     assert out['alarm'] == [0.5, 0.5]
+    assert out['record'] == dict(loss=8.0, correct=3.0, n=4, teacher_updates=1, seconds=0.0,
+                                 stop=True, step=1)
 
 
 def test_a_run_saved_before_its_process_count_was_recorded_resumes_as_one_process():
