@@ -553,6 +553,20 @@ def test_the_evaluation_script_reports_the_checks(saturated_run, capsys):
     assert row == f'| checks | {cell} | {cell} |'
 
 
+def test_the_checks_attack_only_their_checks_examples_of_the_evaluated_images(saturated_run,
+                                                                             capsys):
+    root = saturated_run
+    code, out, err = evaluate_in_process(capsys, '--model_path', root / 'run' / 'best_model.pth',
+                                         '--out_dir', root / 'out-8', '--data-dir', root / 'data',
+                                         '--n_ex', 16, '--attacks', 'clean',
+                                         '--checks-examples', 8)
+    assert code == 0, err
+    entry, = json.loads((root / 'out-8' / 'results.json').read_text())['results']
+    assert entry['attacks']['clean']['n'] == 16
+    assert {c['name']: c['numbers']['examples'] for c in entry['checks']} == \
+        {name: 8 for name, _, _ in checks.CHECKS}
+
+
 def test_no_checks_leaves_them_out(saturated_run, capsys):
     root = saturated_run
     code, out, err = evaluate_in_process(capsys, '--model_path', root / 'run' / 'best_model.pth',

@@ -92,6 +92,12 @@ def split_problem(n=8, robust=4, seed=0):
 # ---------------------------------------------------------------------------
 # Known answers
 
+def test_the_attack_step_is_a_quarter_of_epsilon_unless_given():
+    assert (eval_args().alpha, eval_args('--epsilon', 16).alpha) == (2, 4)
+    assert eval_args('--epsilon', 4).alpha == 1
+    assert eval_args('--epsilon', 16, '--alpha', 3).alpha == 3
+
+
 def test_every_pgd_attack_reaches_the_exact_worst_case_of_a_two_class_linear_model():
     model, X, y = random_linear_problem()
     exact = exact_robust(model, X, y, EPS).sum().item()
