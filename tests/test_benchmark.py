@@ -73,7 +73,8 @@ def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(caps
     monkeypatch.setattr(bf16_check, 'evaluate_robustness', evaluate_robustness)
     # In this process: a second interpreter would pay torch's import again.
     benchmark.main([*TINY, '--check', '--check-epochs', '1', '--check-width', '8',
-                    '--check-train-images', '16', '--check-seeds', '2', '--seed', '3'])
+                    '--check-train-images', '16', '--check-seeds', '2', '--seed', '3',
+                    '--check-lr-max', '0.03'])
     out = capsys.readouterr().out
     # Each run trained from its own seed, in its precision; its student is evaluated and its
     # teacher reported from the training's own last evaluation.
@@ -81,6 +82,8 @@ def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(caps
                re.findall(r'^seed (\d+) amp (on |off): ', out, re.MULTILINE)]
     assert printed == [(3, True), (3, False), (4, True), (4, False)]
     assert [(t.args.seed, t.args.amp) for t in trainers] == printed
+    assert {(t.args.epochs, t.args.width, t.args.lr_max, t.args.batch_size,
+             t.args.eval_batch_size) for t in trainers} == {(1, 8, 0.03, 8, 512)}
     assert len(evaluated) == 4 and all(m is t.student for m, t in zip(evaluated, trainers))
     for t in trainers:
         amp = 'on ' if t.args.amp else 'off'

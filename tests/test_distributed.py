@@ -314,6 +314,14 @@ trainer = SimpleNamespace(alarm_batch=(x_eval[:16], y_alarm), hp=SimpleNamespace
                           args=SimpleNamespace(pgd_iters=2))
 out['alarm'] = training.Trainer._alarm_accuracies(trainer)
 
+# The teacher decides on the global batch: rank 0 alone (4 of 4 kept) would not update, the
+# sum (4 of 8 kept, below the threshold 0.8) does; 8 of 8 does not.
+student = copy.deepcopy(model)
+teacher = SyncedTeacher(student, 0.8, 0.999, dist)
+student = wrap_ddp(student, dist.device)
+out['teacher_updates'] = [teacher.maybe_update(student, 4, [4, 0][rank]),
+                          teacher.maybe_update(student, 4, 4)]
+
 # A step's numbers are summed over the ranks, the loss weighted by each rank's share:
 # rank 0 has 3 images at loss 1 (2 correct), rank 1 one image at loss 5 (1 correct) and a
 # stop request; the step's loss is 8 / 4, and both ranks stop.
@@ -344,6 +352,7 @@ def test_gradients_averaged_and_evaluation_split(tmp_path):
     assert 0 < out['single'][1] < out['single'][0]  # PGD breaks some, not all
     assert out['rng_untouched']
     assert out['alarm'] == [0.5, 0.5]
+    assert out['teacher_updates'] == [True, False]
     assert out['record'] == dict(loss=8.0, correct=3.0, n=4, teacher_updates=1, seconds=0.0,
                                  stop=True, step=1)
 

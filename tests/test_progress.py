@@ -9,8 +9,10 @@ import progress
 
 @pytest.fixture
 def a_minute_per_step(monkeypatch):
-    """progress's clock moves one minute each time it is read: once at the start, once a step."""
-    clock = iter(range(0, 10000, 60))
+    """progress's clock moves one minute each time it is read: once at the start, once a step.
+    It starts where time.time() is, far from 0."""
+    start = 1_800_000_000
+    clock = iter(range(start, start + 10000, 60))
     monkeypatch.setattr(progress.time, 'time', lambda: next(clock))
 
 
