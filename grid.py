@@ -865,7 +865,7 @@ def write_manifest(grid):
 def parse(argv=None):
     """The grid's own flags (a namespace) and its combinations; InputError for bad input."""
     parser = build_parser()
-    parser.error = flags.raise_input_error  # one 'error:' line, as the scripts give
+    parser.error = flags.raise_input_error  # one 'error:' line, as grid.py's other bad input
     grid, rest = parser.parse_known_args(argv)
     if grid.slurm and (grid.gpus is not None or grid.parallel != 1):
         parser.error('--gpus and --parallel are for a local grid; with --slurm each run is a job')
