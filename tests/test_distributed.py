@@ -337,7 +337,7 @@ dist.close()
 '''
 
 
-def test_gradients_averaged_and_evaluation_split(tmp_path):
+def test_the_ranks_average_gradients_and_sum_their_evaluation_teacher_and_step_counts(tmp_path):
     script = tmp_path / 'check.py'
     script.write_text(textwrap.dedent(GRADIENT_AND_EVAL_SCRIPT))
     result, output = run(torchrun(2, script, tmp_path / 'out.json'), tmp_path)

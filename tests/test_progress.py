@@ -72,8 +72,7 @@ def test_a_resumed_epoch_estimates_what_is_left_from_its_own_steps(a_minute_per_
 
 
 def test_a_terminal_gets_a_tqdm_bar_with_the_given_settings(monkeypatch):
-    terminal = types.SimpleNamespace(isatty=lambda: True, write=lambda text: None,
-                                     flush=lambda: None)
+    terminal = types.SimpleNamespace(isatty=lambda: True)  # what to_terminal asks of stderr
     monkeypatch.setattr(progress, 'sys', types.SimpleNamespace(stderr=terminal))
     bar = progress.progress(range(3), total=5, desc='epoch 1/3', initial=2, leave=True,
                             unit='steps')
