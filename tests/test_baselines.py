@@ -94,6 +94,12 @@ def test_pgd_at_takes_attack_iters_steps_from_a_uniform_start():
     torch.testing.assert_close(inputs[1] - x, expected, rtol=0, atol=1e-6)
 
 
+def test_pgd_at_trains_with_attack_iters_not_the_evaluations_pgd_iters():
+    args, _ = training.parse_args('cifar10', ['--method', 'pgd_at', '--attack-iters', '3',
+                                              '--pgd-iters', '7'])
+    assert training.hyperparameters(args).attack_iters == 3
+
+
 def test_cyclic_schedule_peaks_where_asked_and_cycles_momentum_as_cyclic_lr_does():
     total = 110 * 100
     peak = 20 / 110

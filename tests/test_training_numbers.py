@@ -128,6 +128,18 @@ def test_the_training_columns_add_up_the_steps_of_each_epoch(recorded_run):
     assert len({row['train_acc'] for row in rows}) > 1
 
 
+def test_the_temperature_and_kl_weight_columns_follow_the_schedule_of_each_epoch(recorded_run):
+    _, run_dir, rows, _, _ = recorded_run
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    tau0, gamma, base = config['tau0'], config['gamma'], config['lambda_kl_base']
+    assert gamma < 1 and len(rows) == 3
+    for epoch, row in enumerate(rows):
+        tau = mixkl.temperature(epoch, tau0, gamma, config['tau_schedule'])
+        assert float(row['tau']) == pytest.approx(tau, rel=1e-9)
+        assert float(row['kl_weight']) == pytest.approx(mixkl.kl_weight(tau, tau0, base),
+                                                        rel=1e-9)
+
+
 def test_the_per_epoch_evaluation_is_pgd_with_the_pgd_alpha_on_the_test_images(recorded_run):
     data, run_dir, rows, records, _ = recorded_run
     X, y = cifar_split(data, train=False)
