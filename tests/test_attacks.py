@@ -730,6 +730,17 @@ def test_a_model_with_nan_clean_logits_stops_before_any_attack(tmp_path, capsys,
     assert not (tmp_path / 'out' / 'results.json').exists()
 
 
+@pytest.mark.parametrize('text, message', [
+    ('', 'unknown attack (none given); choose from '),
+    (' , ,', 'unknown attack (none given); choose from '),
+    ('pgd10,pgd7,fgsm', 'unknown attack pgd7, fgsm; choose from '),
+])
+def test_an_attack_list_naming_no_known_attack_is_refused(text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as error:
+        evaluate.attack_list(text)
+    assert str(error.value) == message + ','.join(evaluate.ATTACKS)
+
+
 def test_a_repeated_attack_name_runs_once(tmp_path, capsys):
     assert evaluate.attack_list('pgd10, clean,pgd10,clean') == ['pgd10', 'clean']
     checkpoint = model_and_data(tmp_path)
