@@ -741,6 +741,17 @@ def test_an_attack_list_naming_no_known_attack_is_refused(text, message):
     assert str(error.value) == message + ','.join(evaluate.ATTACKS)
 
 
+def test_results_name_a_checkpoint_given_by_a_relative_path_by_its_absolute_one(
+        tmp_path, capsys, monkeypatch):
+    checkpoint = model_and_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = evaluate_in_process(capsys, '--model_path', 'model.pth', '--out_dir', 'out',
+                                         '--data-dir', 'data', '--n_ex', '4', '--attacks', 'clean')
+    assert code == 0, err
+    entry, = json.loads((tmp_path / 'out' / 'results.json').read_text())['results']
+    assert entry['checkpoint'] == str(checkpoint) and os.path.isabs(entry['checkpoint'])
+
+
 def test_a_repeated_attack_name_runs_once(tmp_path, capsys):
     assert evaluate.attack_list('pgd10, clean,pgd10,clean') == ['pgd10', 'clean']
     checkpoint = model_and_data(tmp_path)

@@ -407,6 +407,21 @@ def test_arrays_pickled_by_python_2_with_their_data_as_text_load(tmp_path):
     assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
 
 
+def test_an_array_pickled_in_fortran_order_loads_as_its_numbers(tmp_path):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    images = np.arange(10 * 3072).astype(np.uint8).reshape(10, 3072)
+    rewrite_batch(tmp_path, {'data': np.asfortranarray(images)})
+    x, _ = load_cifar('cifar10', str(tmp_path), train=True, quiet=True)
+    assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
+
+
+def test_data_that_is_not_uint8_is_refused_naming_what_it_is(tmp_path):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'data': np.zeros((10, 3072), np.float32)})
+    assert load_error(tmp_path) == (f'{path}: "data" must be a uint8 array of shape (N, 3072), '
+                                    'found float32 array of shape (10, 3072)')
+
+
 HUGE = (10 ** 6, 10 ** 6)
 
 
@@ -422,6 +437,9 @@ HUGE = (10 ** 6, 10 ** 6)
     (hex_chain(25), 2, "refused _codecs.encode with 'hex'"),
     (Reduce(bytes, (10 ** 12,)), 2, 'refused bytes() with arguments'),
     (Reduce(bytes, (10 ** 12,)), 5, 'refused bytes() with arguments'),
+    # 20000 float64 numbers are 160 kB, more than the file's 130 kB, though fewer than its bytes.
+    ([b'\0' * 100000, array_with_state((20000,), np.dtype('f8'), b'x')], 2,
+     'an array of shape (20000,) and dtype float64'),
     # Each array fits in the file, all of them together do not: the budget is for the file.
     ([Reduce(RECONSTRUCT, (np.ndarray, (2 ** 14,), b'b')) for _ in range(2000)], 2,
      'an array of shape (16384,)'),
