@@ -76,6 +76,8 @@ def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(caps
                     '--check-train-images', '16', '--check-seeds', '2', '--seed', '3',
                     '--check-lr-max', '0.03'])
     out = capsys.readouterr().out
+    assert re.search(r'^check: 1 epochs, lr 0.03, batch 8, width 8, .* seeds 3\.\.4$', out,
+                     re.MULTILINE)
     # Each run trained from its own seed, in its precision; its student is evaluated and its
     # teacher reported from the training's own last evaluation.
     printed = [(int(seed), amp == 'on ') for seed, amp in

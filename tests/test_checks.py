@@ -235,6 +235,8 @@ JUDGEMENTS = [
     (checks.judge_accuracy_falls_with_epsilon, falls(0.8, 0.8, 0.8), 'pass'),  # nothing found
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.4, 0.45), 'warn'),  # rises
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.5, 0.5), 'warn'),  # flat, bitten
+    # Flat from eps/2 to eps, then falling at 2 eps: it falls, over the whole range.
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.5, 0.2), 'pass'),
     # Flat at the large radius's 2% (nothing left to fall) or within the noise of the clean
     # accuracy (nothing found): left to the other checks. Just past either, a warning.
     (checks.judge_accuracy_falls_with_epsilon, falls(0.02, 0.02, 0.02), 'pass'),

@@ -390,10 +390,18 @@ def test_summarize_counts_the_checks_that_warned(tmp_path, capsys):
         entry['checks'] = [dict(name=f'check {i}', verdict=v, numbers={}, meaning='.')
                            for i, v in enumerate(verdicts)]
     (run / 'results.json').write_text(json.dumps(report))
+    # Only the final model evaluated yet: its warnings count all the same.
+    final_only = write_run(tmp_path, 'final-only', [], [(60, 0, 0.5, 0.25)])
+    write_results(final_only / 'results.json',
+                  [(final_only / 'final_model.pth', sha256_file(final_only / 'final_model.pth'),
+                    0.3)])
+    report = json.loads((final_only / 'results.json').read_text())
+    report['results'][0]['checks'] = [dict(name='check', verdict='warn', numbers={}, meaning='.')]
+    (final_only / 'results.json').write_text(json.dumps(report))
     unevaluated = write_run(tmp_path, 'unevaluated', [], [(60, 0, 0.5, 0.25)])
-    code, out, err = summarize_in_process(capsys, run, unevaluated)
+    code, out, err = summarize_in_process(capsys, run, final_only, unevaluated)
     assert code == 0, err
-    assert [r['checks warned'] for r in table_rows(out)] == ['3', '-']
+    assert [r['checks warned'] for r in table_rows(out)] == ['3', '1', '-']
 
 
 def test_summarize_ignores_evaluations_of_other_weights(tmp_path, capsys):
