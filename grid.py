@@ -262,6 +262,16 @@ def next_step(combo, grid):
                         '--attacks', ','.join(grid.attacks), *grid.eval_argv, *where]
 
 
+# A script that exits 0 but leaves its combination needing the same stage again (its
+# output not where the grid reads it) is failed, not started again and again.
+NO_PROGRESS = {
+    'train': 'training exited 0 but left no finished or resumable run in the folder',
+    'resume': 'resuming exited 0 but left the run unfinished',
+    'evaluate': 'the evaluation exited 0 but results for every attack of both saved models '
+                'are not in the run directory',
+}
+
+
 def remove_unstarted(folder):
     """Run directories killed before their first checkpoint: nothing in them to resume."""
     if not os.path.isdir(folder):
@@ -472,7 +482,9 @@ class LocalGrid:
                 lock_file.close()
         self.pending += waiting
 
-    def _start(self, combo, folder, lock_file):
+    def _start(self, combo, folder, lock_file, succeeded=None):
+        """Start the combination's next stage, if it has one; ``succeeded``: the stage that
+        has just exited 0 for it."""
         record = read_record(folder)
         if ended_for_good(record, self.grid):
             self.report.finished(combo, record['status'], record.get('message', ''))
@@ -483,6 +495,11 @@ class LocalGrid:
             self.report.finished(combo, 'done')
             return False
         stage, argv = step
+        if stage == succeeded:
+            message = NO_PROGRESS[stage]
+            write_record(folder, combo, status='failed', stage=stage, exit_code=0, message=message)
+            self.report.finished(combo, 'failed', message, stage)
+            return False
         slot = self.free.pop(0)
         write_record(folder, combo, status='running', stage=stage)
         self.running.append(Running(combo, stage, argv, slot, folder, lock_file))
@@ -500,7 +517,7 @@ class LocalGrid:
             if code == 0:
                 # Trained: evaluate next (in the same turn, the lock kept); evaluated: done.
                 write_record(r.folder, r.combo, status='pending')
-                if not self.stopping and self._start(r.combo, r.folder, r.lock_file):
+                if not self.stopping and self._start(r.combo, r.folder, r.lock_file, r.stage):
                     continue
             else:
                 state = outcome(r.stage, code, r.folder)
@@ -534,12 +551,17 @@ class GridJob:
             lock_file = lock(folder)
         slot = Slot(processes=self.grid.gpus_per_run)
         try:
+            succeeded = None  # the stage that has just exited 0
             while True:
                 step = next_step(self.combo, self.grid)
                 if step is None:
                     write_record(folder, self.combo, status='done')
                     return 'done'
                 stage, argv = step
+                if stage == succeeded:
+                    write_record(folder, self.combo, status='failed', stage=stage, exit_code=0,
+                                 message=NO_PROGRESS[stage])
+                    return 'failed'
                 write_record(folder, self.combo, status='running', stage=stage)
                 running = Running(self.combo, stage, argv, slot, folder, lock_file)
                 self._process = running.process
@@ -552,6 +574,7 @@ class GridJob:
                     write_record(folder, self.combo, status='pending' if state == 'interrupted'
                                  else state, stage=stage, exit_code=code, message=message)
                     return state
+                succeeded = stage
         finally:
             lock_file.close()
 

@@ -372,6 +372,34 @@ def test_retry_failed_runs_a_failed_combination_again_never_a_diverged_one(tmp_p
     assert not grid.ended_for_good({'status': 'done'}, parsed)
 
 
+@pytest.mark.parametrize('runner', ['local', 'job'])
+def test_an_evaluation_that_exits_0_without_its_results_fails_the_run_once(tmp_path, monkeypatch,
+                                                                          runner):
+    # Started again, it would leave no results again: the grid would never end. (This script
+    # fails when started a second time, so that the test ends either way.)
+    script = tmp_path / 'evaluates-nothing.py'
+    script.write_text('import os, sys\n'
+                      f'ran = os.path.exists({str(tmp_path / "ran")!r})\n'
+                      f'open({str(tmp_path / "ran")!r}, "w").close()\n'
+                      'print("evaluated")\n'
+                      'sys.exit(1 if ran else 0)\n')
+    monkeypatch.setitem(grid.TEST_SCRIPTS, 'cifar10', str(script))
+    argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method', 'fgsm_rs']
+    parsed, (combo,) = grid.parse(argv)
+    folder = combo.folder(parsed.out_dir)
+    os.makedirs(folder)
+    write_run(tmp_path / 'grid' / 'runs' / combo.name, 'run', combo.argv, [(60, 0, 0.5, 0.25)])
+    if runner == 'local':
+        assert grid.main(argv) == 0  # the table shows the failed run
+    else:
+        assert grid.GridJob(parsed, combo)() == 'failed'
+    record = grid.read_record(folder)
+    assert (record['status'], record['stage'], record['exit_code']) == ('failed', 'evaluate', 0)
+    assert record['message'] == grid.NO_PROGRESS['evaluate']
+    log = (tmp_path / 'grid' / 'runs' / combo.name / grid.EVAL_OUT).read_text()
+    assert log.count('evaluated') == 1
+
+
 def test_a_combination_folder_holding_several_runs_is_read_from_its_latest_finished_one(tmp_path):
     folder = tmp_path / 'combination'
     folder.mkdir()
