@@ -38,6 +38,9 @@ def test_flags_are_read_with_and_without_an_equals_sign():
     (['--slurm', 'local', '--gpus', '0'], '--gpus and --parallel are for a local grid'),
     (['--slurm', 'local', '--parallel', '2'], '--gpus and --parallel are for a local grid'),
     (['--slurm', 'local', '--sbatch', 'account'], '--sbatch account: KEY=VALUE'),
+    (['--slurm', 'local', '--time-min', '0'], 'argument --time-min: 0.0 must be > 0'),
+    (['--epsilon', '8', '--lr-max', '0.1', '--epsilon=16'], '--epsilon: given twice'),
+    (['--n_ex', '10', '--n-ex', '20'], '--n-ex: given twice'),
 ])
 def test_bad_flags_are_refused_before_any_run_starts(tmp_path, capsys, extra, message):
     code = grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--data-dir',
@@ -86,11 +89,18 @@ def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
     assert [s.env()['CUDA_VISIBLE_DEVICES'] for s in grid.local_slots(parsed)] == ['3,1']
     assert grid.command(['MIX_KL_CIFAR10.py', '--seed', '1'], slots[0])[1:5] == \
         ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    assert grid.command(['a.py'], grid.Slot()) == [sys.executable, 'a.py']
+
+
+def test_parallel_runs_share_the_cpus_unless_threads_per_run_is_given(monkeypatch):
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
     parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
                                              '--parallel', '2'])
-    assert [s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)] == \
-        [str(max(1, os.cpu_count() // 2))] * 2
-    assert grid.command(['a.py'], grid.Slot()) == [sys.executable, 'a.py']
+    assert [s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)] == ['4', '4']
+    parsed.parallel = 16  # more runs than CPUs: one thread each
+    assert {s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)} == {'1'}
+    parsed.threads_per_run = 3
+    assert {s.env()['OMP_NUM_THREADS'] for s in grid.local_slots(parsed)} == {'3'}
 
 
 def test_gpus_all_is_every_gpu_of_the_machine_and_refused_on_one_without(monkeypatch):
@@ -237,6 +247,10 @@ def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
         json.dump(report, f)
     assert grid.next_step(combo, parsed)[0] == 'evaluate'
     assert not grid.evaluated(run_dir, ['pgd20']) and grid.evaluated(run_dir, ['aa'])
+    with open(path, 'w') as f:  # a results file that cannot be read counts for nothing
+        f.write('{"results": [')
+    assert not grid.evaluated(run_dir, ['aa'])
+    os.remove(path)
 
     # Killed before its end: a checkpoint and no final model.
     os.remove(os.path.join(run_dir, runs.FINAL))
@@ -428,6 +442,8 @@ def test_a_combination_folder_holding_several_runs_is_read_from_its_latest_finis
     ('train', -15, False, 'interrupted'),  # killed by SIGTERM: resumes
     ('evaluate', -9, False, 'interrupted'),
     ('train', 130, False, 'interrupted'),  # a shell's 128 + SIGINT
+    ('train', 128, False, 'interrupted'),
+    ('train', 127, False, 'failed'),  # a shell's "command not found"
     ('train', 1, True, 'diverged'),
     ('resume', 1, True, 'diverged'),
     ('train', 1, False, 'failed'),
