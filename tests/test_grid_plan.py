@@ -351,6 +351,23 @@ def test_a_slurm_job_an_earlier_grid_submitted_is_waited_for_until_it_is_over(
         assert (job.folder, job.job_id) == (str(tmp_path / 'slurm'), '12')
 
 
+def test_a_job_that_starts_running_keeps_its_job_id_for_the_next_grid_to_wait_for(
+        tmp_path, monkeypatch):
+    def running_job(folder, job_id):
+        return SimpleNamespace(job_id=job_id, done=lambda: False)
+    monkeypatch.setitem(sys.modules, 'submitit', SimpleNamespace(SlurmJob=running_job))
+    combo, = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--method',
+                         'fgsm_rs'])[1]
+    folder = combo.folder(str(tmp_path))
+    os.makedirs(folder)
+    grid.write_record(folder, combo, status='submitted', job_id='12')  # the grid submits
+    grid.write_record(folder, combo, status='running', stage='train')  # the job starts
+    record = grid.read_record(folder)
+    assert record['job_id'] == '12' and record['name'] == combo.name
+    job = grid.queued_job(SimpleNamespace(slurm='slurm', out_dir=str(tmp_path)), record)
+    assert job.job_id == '12'
+
+
 @pytest.mark.parametrize('lines,reported', [
     (['epoch 1', 'error: first', 'Traceback', 'error: second', 'the end'], 'error: second'),
     (['epoch 1', 'Killed'], 'Killed'),
