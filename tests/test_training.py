@@ -409,6 +409,18 @@ def test_the_cyclic_momentum_falls_as_the_learning_rate_rises_at_every_step(tmp_
                                   0.9 - 0.1 / 3])
 
 
+def test_the_optimizer_is_sgd_over_the_student_with_the_flags_momentum_and_weight_decay(
+        tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=16, n_test=8, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-max', '0.05', '--momentum', '0.8',
+                                          '--weight-decay', '0.001'))
+    trainer.release()
+    group, = trainer.optimizer.param_groups
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert (group['initial_lr'], group['momentum'], group['weight_decay']) == (0.05, 0.8, 0.001)
+    assert group['params'] == list(trainer.student.parameters())
+
+
 def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
     with pytest.raises(InputError, match='--val-examples 32 leaves no training images '
