@@ -600,8 +600,9 @@ def submitit_executor(grid):
     extra = dict(option.split('=', 1) for option in grid.sbatch)
     if grid.slurm == 'local':
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=grid.max_requeues)
+        # A check of the whole path: every job at once, on the CPU (no GPU is shared out).
         executor.update_parameters(timeout_min=grid.time_min, signal_delay_s=grid.signal_delay_s,
-                                   gpus_per_node=grid.gpus_per_run if grid.gpus else 0)
+                                   gpus_per_node=0)
     else:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=grid.max_requeues)
         executor.update_parameters(

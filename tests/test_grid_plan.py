@@ -78,6 +78,38 @@ def test_asking_for_slurm_without_submitit_says_what_to_install(monkeypatch, tmp
         grid.submitit_executor(parsed)
 
 
+class RecordingExecutor:
+    """submitit's executors, as far as the grid uses them: what they were given."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.parameters = kwargs, {}
+
+    def update_parameters(self, **parameters):
+        self.parameters.update(parameters)
+
+
+def test_slurm_jobs_get_the_time_gpus_cpus_partition_and_sbatch_options_asked_for(
+        monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'submitit', SimpleNamespace(
+        SlurmExecutor=RecordingExecutor, LocalExecutor=RecordingExecutor))
+    parsed, _ = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--slurm',
+                            'slurm', '--partition', 'gpu', '--time-min', '90.5',
+                            '--gpus-per-run', '2', '--cpus-per-run', '6', '--sbatch',
+                            'account=abc', '--sbatch', 'qos=high=1', '--max-requeues', '4',
+                            '--signal-delay-s', '120'])
+    executor = grid.submitit_executor(parsed)
+    assert executor.kwargs == dict(folder=str(tmp_path / 'slurm'), max_num_timeout=4)
+    assert executor.parameters == dict(
+        time=91, gpus_per_node=2, ntasks_per_node=1, cpus_per_task=6, signal_delay_s=120,
+        job_name='mixkl-grid', partition='gpu',
+        additional_parameters={'account': 'abc', 'qos': 'high=1'})
+    parsed, _ = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--slurm',
+                            'local', '--time-min', '10', '--signal-delay-s', '60'])
+    executor = grid.submitit_executor(parsed)
+    assert executor.kwargs == dict(folder=str(tmp_path / 'slurm'), max_num_timeout=30)
+    assert executor.parameters == dict(timeout_min=10, signal_delay_s=60, gpus_per_node=0)
+
+
 def test_slots_share_the_gpus_and_torchrun_starts_several_processes():
     parsed = grid.build_parser().parse_args(['--dataset', 'cifar10', '--out_dir', 'x',
                                              '--gpus', '0,1,2,3', '--gpus-per-run', '2'])
