@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flags
+import mixkl
 import runs
 import training
 from conftest import load_weights, read_metrics, run_script, same_weights
@@ -396,29 +397,70 @@ def test_the_learning_rate_schedule_spans_every_step_the_partial_batch_included(
                                                                   1 / 3, 0])
 
 
-def test_the_cyclic_momentum_falls_as_the_learning_rate_rises_at_every_step(tmp_path):
+@pytest.mark.parametrize('momenta', [[], ['--momentum', '0.95', '--momentum-min', '0.65']])
+def test_the_cyclic_momentum_falls_as_the_learning_rate_rises_at_every_step(tmp_path, momenta):
     """6 steps of the cyclic schedule: lr factors 0, 1/3, 2/3, 1, 2/3, 1/3, and the momentum
-    0.9 - (0.9 - 0.8) * factor that each optimizer step uses."""
+    top - (top - bottom) * factor that each optimizer step uses (0.9 and 0.8 by default)."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=36, n_test=8, seed=2)
-    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-schedule', 'cyclic'))
+    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-schedule', 'cyclic', *momenta))
     used = []
     trainer.optimizer.register_step_pre_hook(
         lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]['momentum']))
     assert trainer.fit() == 0
-    assert used == pytest.approx([0.9, 0.9 - 0.1 / 3, 0.9 - 0.2 / 3, 0.8, 0.9 - 0.2 / 3,
-                                  0.9 - 0.1 / 3])
+    top, bottom = (0.95, 0.65) if momenta else (0.9, 0.8)
+    assert used == pytest.approx([top - (top - bottom) * f for f in (0, 1 / 3, 2 / 3, 1, 2 / 3,
+                                                                      1 / 3)])
 
 
-def test_the_optimizer_is_sgd_over_the_student_with_the_flags_momentum_and_weight_decay(
-        tmp_path):
+def test_the_trainer_takes_every_flag_of_the_step_optimizer_loaders_and_teacher(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=16, n_test=8, seed=2)
-    trainer = training.Trainer(*tiny_args(tmp_path, '--lr-max', '0.05', '--momentum', '0.8',
-                                          '--weight-decay', '0.001'))
+    flags = ['--lr-max', '0.05', '--momentum', '0.8', '--weight-decay', '0.001', '--seed', '7',
+             '--epsilon', '6', '--alpha', '5', '--mixup-alpha', '0.5', '--delta-init', 'zero',
+             '--lamda', '3', '--tau0', '4', '--gamma', '0.5', '--tau-schedule', 'constant',
+             '--lambda-kl-base', '0.25', '--ema-value', '0.7', '--ema-decay-max', '0.6',
+             '--con-reference', 'start', '--pgd-alpha', '1.5', '--no-augment',
+             '--eval-batch-size', '4', '--no-amp']
+    trainer = training.Trainer(*tiny_args(tmp_path, *flags))
     trainer.release()
+    assert trainer.hp == mixkl.Hyperparameters(
+        num_classes=10, epsilon=6 / 255, alpha=5 / 255, mixup_alpha=0.5, delta_init='zero',
+        lamda=3.0, tau0=4.0, gamma=0.5, tau_schedule='constant', lambda_kl_base=0.25,
+        ema_value=0.7, amp=False, ema_decay_max=0.6, con_reference='start', attack_iters=10)
+    assert (trainer.teacher.threshold, trainer.teacher.max_decay) == (0.7, 0.6)
+    assert trainer.pgd_alpha == 1.5 / 255
     group, = trainer.optimizer.param_groups
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert (group['initial_lr'], group['momentum'], group['weight_decay']) == (0.05, 0.8, 0.001)
     assert group['params'] == list(trainer.student.parameters())
+    loader = trainer.train_loader
+    assert (loader.batch_size, loader.augment, loader.seed, loader.train) == (16, False, 7, True)
+    assert (trainer.eval_loader.batch_size, trainer.eval_loader.train) == (4, False)
+    assert os.path.basename(trainer.run_dir).startswith('cifar10-mixkl-seed7-')
+    torch.manual_seed(7)  # the student's initial weights are drawn from --seed
+    fresh = training.build_model('preactresnet18', 'cifar10', 8, torch.device('cpu'), False)
+    assert same_weights(trainer.student.state_dict(), fresh.state_dict())
+
+
+def test_the_per_epoch_evaluation_and_the_alarm_run_pgd_with_pgd_alpha_and_pgd_iters(
+        tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=16, n_test=8, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--epochs', '1', '--epsilon', '6',
+                                          '--pgd-alpha', '1.5', '--pgd-iters', '3'))
+    evaluations, alarms = [], []
+    real_evaluate, real_pgd = training.evaluate_robustness, training.pgd_attack
+
+    def evaluate_robustness(model, batches, epsilon, alpha, iters, **kwargs):
+        evaluations.append((epsilon, alpha, iters))
+        return real_evaluate(model, batches, epsilon, alpha, iters, **kwargs)
+
+    def pgd_attack(epsilon, alpha, iters, restarts, *args):
+        alarms.append((epsilon, alpha, iters, restarts))
+        return real_pgd(epsilon, alpha, iters, restarts, *args)
+    monkeypatch.setattr(training, 'evaluate_robustness', evaluate_robustness)
+    monkeypatch.setattr(training, 'pgd_attack', pgd_attack)
+    assert trainer.fit() == 0
+    assert evaluations == [(6 / 255, 1.5 / 255, 3)]
+    assert alarms == [(6 / 255, 1.5 / 255, 3, 1)]
 
 
 def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
