@@ -2,6 +2,7 @@
 (every number known)."""
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -133,7 +134,15 @@ def test_a_run_directory_is_named_after_its_dataset_architecture_method_and_seed
         tmp_path, arch, name):
     assert runs.run_name('cifar100', arch, 'pgd_at', 3) == name
     run_dir = runs.new_run_dir(str(tmp_path), 'cifar100', arch, 'pgd_at', 3)
-    assert os.path.basename(run_dir).startswith(name + '-')
+    assert re.fullmatch(re.escape(name) + r'-\d{8}-\d{6}', os.path.basename(run_dir))
+
+
+def test_a_run_started_in_the_same_second_as_another_gets_a_number(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs.time, 'strftime', lambda fmt: '20261130-120000')
+    made = [os.path.basename(runs.new_run_dir(str(tmp_path), 'cifar10', 'preactresnet18',
+                                              'mixkl', 0)) for _ in range(3)]
+    assert made == ['cifar10-mixkl-seed0-20261130-120000', 'cifar10-mixkl-seed0-20261130-120000-1',
+                    'cifar10-mixkl-seed0-20261130-120000-2']
 
 
 @pytest.mark.parametrize('bad_row,value,message', [
