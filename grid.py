@@ -231,11 +231,11 @@ def run_dir_of(folder):
     return None
 
 
-def evaluated(run_dir, attacks):
-    """True when both saved models have a result for every attack."""
+def evaluated(run_dir, attacks, epsilon_255):
+    """True when both saved models have a result for every attack, at the run's radius."""
     try:
         results = runs.model_results(run_dir, [e for p in runs.run_evaluations(run_dir)
-                                               for e in runs.read_evaluation(p)])
+                                               for e in runs.read_evaluation(p)], epsilon_255)
     except InputError:
         return False
     return all(attack in results[key]['attacks'] for key in runs.MODELS for attack in attacks)
@@ -254,7 +254,7 @@ def next_step(combo, grid):
         return 'train', [script, *combo.argv, '--out_dir', folder, *where]
     if runs.run_state(run_dir) == 'interrupted':
         return 'resume', [script, '--resume', run_dir, *where]
-    if evaluated(run_dir, grid.attacks):
+    if evaluated(run_dir, grid.attacks, combo.config['epsilon']):
         return None
     test = os.path.join(ROOT, TEST_SCRIPTS[combo.dataset])
     return 'evaluate', [test, '--model_path', run_dir, '--out_dir', run_dir,

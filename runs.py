@@ -297,7 +297,8 @@ def read_evaluation(path):
     a finite number in [0, 1]; InputError naming the file otherwise.
 
     Other entries (width, arch, checks, same_as: a checkpoint not attacked again because an
-    earlier one had the same content, whose numbers it carries) are kept, not needed.
+    earlier one had the same content, whose numbers it carries) are kept, not needed. Each
+    entry is given the report's path and its radius (``epsilon_255``; None if unrecorded).
     """
     report = read_json(path)
     entries = report.get('results') if isinstance(report, dict) else None
@@ -321,7 +322,9 @@ def read_evaluation(path):
             if not is_number(n) or n != int(n) or n < 0:
                 raise InputError(f'{path}: the {one_line(attack, 40)} image count '
                                  f'{one_line(repr(n), 40)} is not a whole number')
-    return [dict(entry, report=path) for entry in entries]
+    radius = report.get('epsilon_255')
+    radius = radius if is_number(radius) else None
+    return [dict(entry, report=path, epsilon_255=radius) for entry in entries]
 
 
 def is_number(value):
@@ -382,12 +385,13 @@ def diverged(run_dir):
     return last.split('] ', 1)[-1] if 'the run diverged' in last else None
 
 
-def model_results(run_dir, evaluations):
+def model_results(run_dir, evaluations, epsilon_255=None):
     """The evaluations of the run's two models: for 'best' and 'final', a dict of
     ``attacks`` ({attack: result}) and ``warnings`` (how many of the evaluation's
     gradient-masking checks warned).
 
-    An evaluation counts when it saw the same file content (SHA-256); for each
+    An evaluation counts when it saw the same file content (SHA-256), and, given
+    ``epsilon_255`` (the run's radius), when it attacked at that radius; for each
     attack, the one on the most images wins (the latest on a tie). Without the
     file (weights not copied), the evaluated path is matched instead.
     """
@@ -403,6 +407,12 @@ def model_results(run_dir, evaluations):
                 print(f'note: {path} changed after {entry["report"]} evaluated it; '
                       'that evaluation is not used', file=sys.stderr, flush=True)
             if not same_file:
+                continue
+            radius = entry.get('epsilon_255')
+            if None not in (radius, epsilon_255) and abs(radius - epsilon_255) > 1e-6:
+                print(f'note: {entry["report"]} evaluated {path} at eps {radius:g}/255, not at '
+                      f'the {epsilon_255:g}/255 it trained at; that evaluation is not used',
+                      file=sys.stderr, flush=True)
                 continue
             for attack, result in entry['attacks'].items():
                 if result.get('n', 0) >= attacks.get(attack, {}).get('n', 0):
@@ -459,4 +469,4 @@ def read_run(run_dir, evaluations=()):
         final=rows[-1] if rows else None,
         minutes=sum(row['seconds'] + row['eval_seconds'] for row in rows) / 60 if rows else None,
         alarm_epochs=alarm_epochs(rows),
-        results=model_results(run_dir, [*own, *evaluations]))
+        results=model_results(run_dir, [*own, *evaluations], config.get('epsilon')))

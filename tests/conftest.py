@@ -169,13 +169,13 @@ def write_run(parent, name, flags, metrics, **config_entries):
     return run_dir
 
 
-def write_results(path, entries, n=10000):
+def write_results(path, entries, n=10000, epsilon_255=8.0):
     """An evaluate.py results.json; entries: (checkpoint path, sha256, AutoAttack accuracy)."""
     results = [dict(checkpoint=str(c), sha256=digest, width=64,
                     attacks={'clean': dict(accuracy=0.9, correct=int(0.9 * n), n=n, seconds=1),
                              'aa': dict(accuracy=aa, correct=int(aa * n), n=n, seconds=9)})
                for c, digest, aa in entries]
-    path.write_text(json.dumps(dict(dataset='cifar10', n_examples=n, epsilon_255=8.0,
+    path.write_text(json.dumps(dict(dataset='cifar10', n_examples=n, epsilon_255=epsilon_255,
                                     attacks=['clean', 'aa'], results=results)))
 
 

@@ -181,7 +181,8 @@ def hand_made_grid(out, plan):
         run = write_run(out / 'runs' / combo.name, 'run', combo.argv, metrics)
         write_results(run / 'results.json', [(run / name, sha256_file(run / name), aa)
                                              for name, aa in ((runs.BEST, best_aa),
-                                                              (runs.FINAL, final_aa))])
+                                                              (runs.FINAL, final_aa))],
+                      epsilon_255=c['epsilon'])
         report = json.loads((run / 'results.json').read_text())
         # The warnings are shared out between the best and the final model.
         for entry, count in zip(report['results'], (warned - warned // 2, warned // 2)):
@@ -278,10 +279,11 @@ def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
     with open(path, 'w') as f:
         json.dump(report, f)
     assert grid.next_step(combo, parsed)[0] == 'evaluate'
-    assert not grid.evaluated(run_dir, ['pgd20']) and grid.evaluated(run_dir, ['aa'])
+    assert not grid.evaluated(run_dir, ['pgd20'], 16) and grid.evaluated(run_dir, ['aa'], 16)
+    assert not grid.evaluated(run_dir, ['aa'], 8), 'evaluated at 16/255 only'
     with open(path, 'w') as f:  # a results file that cannot be read counts for nothing
         f.write('{"results": [')
-    assert not grid.evaluated(run_dir, ['aa'])
+    assert not grid.evaluated(run_dir, ['aa'], 16)
     os.remove(path)
 
     # Killed before its end: a checkpoint and no final model.

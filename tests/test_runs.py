@@ -61,6 +61,23 @@ def test_a_copied_evaluation_counts_by_content_and_a_missing_model_by_its_path(t
     assert got['final']['attacks']['aa']['accuracy'] == 0.3
 
 
+def test_an_evaluation_at_another_radius_than_the_runs_is_not_its_result(tmp_path, capsys):
+    # Trained at 8/255 (write_run's default); evaluated at 8, then at 16 on more images.
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    write_results(run / 'results.json', [(run / runs.BEST, sha256_file(run / runs.BEST), 0.4)])
+    write_results(run / 'results-2.json', [(run / runs.BEST, sha256_file(run / runs.BEST), 0.1)],
+                  n=20000, epsilon_255=16.0)
+    report = json.loads((run / 'results-2.json').read_text())
+    results = runs.read_run(str(run))['results']
+    assert results['best']['attacks']['aa']['accuracy'] == 0.4
+    assert f'{run / "results-2.json"} evaluated {run / runs.BEST} at eps 16/255, not at the ' \
+           '8/255 it trained at; that evaluation is not used' in capsys.readouterr().err
+    # A report without its radius (written by hand) counts, as before radii were recorded.
+    (run / 'results-2.json').write_text(json.dumps(
+        {k: v for k, v in report.items() if k != 'epsilon_255'}))
+    assert runs.read_run(str(run))['results']['best']['attacks']['aa']['accuracy'] == 0.1
+
+
 def test_the_state_of_a_run_is_read_from_which_models_it_saved(tmp_path):
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
     assert runs.run_state(str(run)) == 'finished'
