@@ -264,6 +264,15 @@ def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
     combo = next(c for c in combos if c.config['epsilon'] == 16.0)
     run_dir = grid.run_dir_of(combo.folder(parsed.out_dir))
     assert grid.next_step(combo, parsed) is None, 'trained and evaluated for clean and aa'
+    # Evaluated at another radius than its own (by hand): still to evaluate at its own.
+    results = os.path.join(run_dir, 'results.json')
+    with open(results) as f:
+        report = json.load(f)
+    with open(results, 'w') as f:
+        json.dump(dict(report, epsilon_255=8.0), f)
+    assert grid.next_step(combo, parsed)[0] == 'evaluate'
+    with open(results, 'w') as f:
+        json.dump(report, f)
 
     parsed.attacks = ['clean', 'aa', 'pgd20']  # an attack added later: evaluated again
     stage, argv = grid.next_step(combo, parsed)
