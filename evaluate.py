@@ -322,6 +322,7 @@ def run(dataset, args):
     def save():
         atomic_write_text(results_path, json.dumps(report, indent=2))
     attacked = {}  # sha256 -> the entry of the first checkpoint with that content
+    log_names = set()  # AutoAttack's logs of this call, one per checkpoint attacked
     for path, digest in zip(paths, digests):
         model, earlier = models[digest], attacked.get(digest)
         entry = dict(checkpoint=os.path.abspath(path), sha256=digest, arch=model.arch,
@@ -339,7 +340,7 @@ def run(dataset, args):
             continue
         attacked[digest] = entry
         print(f'{path}: {len(y)} test images, eps {args.epsilon:g}/255, device {device}')
-        log_prefix = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0]
+        log_prefix = os.path.join(args.out_dir, log_name(path, log_names)
                                   + numbered_suffix(results_path))
 
         def save_attacks(results, entry=entry):  # after every attack: a crash keeps the others
@@ -362,6 +363,17 @@ def run(dataset, args):
     print('\n' + format_table(report))
     print(f'\nresults: {results_path}')
     return report
+
+
+def log_name(path, taken):
+    """The checkpoint's file name without .pth, numbered (_2, _3, ...) if another checkpoint
+    of this call took it (two runs' best_model.pth): one log does not overwrite another."""
+    base = name = os.path.splitext(os.path.basename(path))[0]
+    k = 2
+    while name in taken:
+        name, k = f'{base}_{k}', k + 1
+    taken.add(name)
+    return name
 
 
 def check_clean_logits(models, paths, digests, x, device):

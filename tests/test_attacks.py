@@ -504,6 +504,34 @@ def test_a_second_evaluation_into_the_same_out_dir_keeps_the_first(tmp_path, cap
         assert (out_dir / f'model{suffix}_autoattack.log').read_text() == f'seed {seed}'
 
 
+def test_two_runs_checkpoints_of_one_name_keep_an_autoattack_log_each(tmp_path, capsys,
+                                                                      monkeypatch):
+    checkpoint = model_and_data(tmp_path)
+    runs = [tmp_path / 'run-a', tmp_path / 'run-b']
+    for seed, run in enumerate(runs, start=1):
+        run.mkdir()
+        torch.manual_seed(seed)  # weights of their own: each is attacked
+        save(PreActResNet18(10, width=8).state_dict(), run / 'best_model.pth')
+    out_dir = tmp_path / 'out'
+
+    def fake_autoattack(model, x, y, epsilon, args, log_path):  # AutoAttack takes minutes
+        with open(log_path, 'w') as f:
+            f.write(f'{model.linear.weight.sum().item()!r} seed {args.seed}')
+        return 0, {}
+    monkeypatch.setattr(evaluate, 'run_autoattack', fake_autoattack)
+    for seed in (0, 1):  # a second call into the same --out_dir keeps the first's logs
+        code, out, err = evaluate_in_process(
+            capsys, '--model_path', *[run / 'best_model.pth' for run in runs], checkpoint,
+            '--out_dir', out_dir, '--data-dir', tmp_path / 'data', '--n_ex', '4', '--attacks',
+            'aa', '--seed', seed, '--no-checks')
+        assert code == 0, err
+    logs = {name: (out_dir / name).read_text() for name in (
+        'best_model_autoattack.log', 'best_model_2_autoattack.log', 'model_autoattack.log',
+        'best_model-2_autoattack.log', 'best_model_2-2_autoattack.log', 'model-2_autoattack.log')}
+    assert len(set(logs.values())) == 6, 'six logs, none overwritten'
+    assert sorted(os.listdir(out_dir)) == sorted([*logs, 'results.json', 'results-2.json'])
+
+
 def test_a_checkpoint_named_again_by_a_symlink_or_a_relative_path_is_evaluated_once(
         tmp_path, capsys, monkeypatch):
     model, other, link = tmp_path / 'model.pth', tmp_path / 'other.pth', tmp_path / 'link.pth'
