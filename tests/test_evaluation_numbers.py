@@ -112,6 +112,27 @@ def test_every_pgd_attack_reaches_the_exact_worst_case_of_a_two_class_linear_mod
     assert {name: results[name]['correct'] for name in PGD_NAMES} == dict.fromkeys(PGD_NAMES, exact)
 
 
+class RunnerUpIsStuck(nn.Module):
+    """Three classes on one pixel x: z = (1, 0.9, 5.4 - 10 x). Class 1, the runner-up where
+    class 0 is right, can never win; class 2 wins for x < 0.44."""
+
+    def forward(self, x):
+        x = x.flatten(1)[:, 0]
+        return torch.stack([torch.ones_like(x), torch.full_like(x, 0.9), 5.4 - 10 * x], 1)
+
+
+def test_cw20_follows_the_margin_to_the_runner_up_and_pgd20_the_cross_entropy():
+    """Cross-entropy always pulls x down (only z_2 depends on it): PGD-20 breaks exactly the
+    x within eps of 0.44. The C&W margin max_j z_j - z_0 has no gradient while the runner-up
+    is class 1 (x > 0.45): from such a start it is stuck, so it breaks fewer."""
+    X = torch.linspace(0.45, 0.49, 64).view(-1, 1, 1, 1)
+    y = torch.zeros(64, dtype=torch.long)
+    results = evaluate.evaluate_checkpoint(RunnerUpIsStuck().eval(), X, y,
+                                           eval_args('--attacks', 'pgd20,cw20'), 'unused')
+    assert results['pgd20']['correct'] == (X.flatten() >= 0.44 + EPS).sum().item()
+    assert results['cw20']['correct'] > results['pgd20']['correct'] + 10
+
+
 def test_only_enough_iterations_of_a_small_step_reach_the_worst_case():
     """Step 0.4/255: 50 steps cross the ball (20/255 >= 16/255), 20 steps (8/255) cannot."""
     model, X, y = random_linear_problem(seed=1)
