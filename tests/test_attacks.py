@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 
 import pyautoattack
 import pytest
@@ -460,6 +461,47 @@ def model_and_data(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=10, n_test=10)
     torch.manual_seed(0)
     return save(PreActResNet18(10, width=8).state_dict(), tmp_path / 'model.pth')
+
+
+def test_the_test_scripts_defaults_are_the_papers_protocol():
+    args = evaluate.parse_args('cifar10', ['--model_path', 'm.pth'])
+    assert (args.n_ex, args.attacks, args.restarts, args.seed, args.epsilon, args.alpha,
+            args.checks, args.checks_examples) == (
+        10000, ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa'], 1, 0, 8.0, 2.0, True, 500)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--width', '16'], 'has width 8, not --width 16'),
+    (['--arch', 'resnet18'], 'does not fit resnet18 of width 8 for 32x32 images'),
+])
+def test_the_scripts_arch_and_width_are_checked_against_the_checkpoint(tmp_path, capsys, flags,
+                                                                       message):
+    checkpoint = model_and_data(tmp_path)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--data-dir',
+                                         tmp_path / 'data', '--out_dir', tmp_path / 'out',
+                                         '--n_ex', '4', '--attacks', 'clean', *flags)
+    assert code == 2 and message in err, err
+
+
+def test_a_run_directory_without_saved_models_is_refused(tmp_path, capsys):
+    model_and_data(tmp_path)
+    (tmp_path / 'run').mkdir()
+    code, out, err = evaluate_in_process(capsys, '--model_path', tmp_path / 'run', '--data-dir',
+                                         tmp_path / 'data', '--out_dir', tmp_path / 'out')
+    assert (code, err) == (2, f'error: {tmp_path / "run"}: no best_model.pth or final_model.pth '
+                              'in this directory\n')
+
+
+def test_results_json_records_the_command_that_made_it(tmp_path, capsys, monkeypatch):
+    checkpoint = model_and_data(tmp_path)
+    argv = ['--model_path', str(checkpoint), '--data-dir', str(tmp_path / 'data'), '--out_dir',
+            str(tmp_path / 'out'), '--n_ex', '4', '--attacks', 'clean', '--device', 'cpu']
+    monkeypatch.setattr(sys, 'argv', ['/somewhere/test_cifar10.py', *argv])
+    code, out, err = evaluate_in_process(capsys, *argv)
+    assert code == 0, err
+    report = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert report['command'] == ' '.join(['test_cifar10.py', *argv])
+    assert (report['device'], report['torch']) == ('cpu', torch.__version__)
 
 
 @pytest.mark.parametrize('where', ['a file', 'inside a file', 'read-only'])

@@ -228,6 +228,8 @@ JUDGEMENTS = [
      dict(examples=100, fgsm_accuracy=0.85, pgd50_accuracy=0.02), 'warn'),
     (checks.judge_catastrophic_overfitting,
      dict(examples=100, fgsm_accuracy=0.6, pgd50_accuracy=0.25), 'warn'),
+    (checks.judge_catastrophic_overfitting,  # more than 10 points and more than half lost
+     dict(examples=100, fgsm_accuracy=0.30, pgd50_accuracy=0.12), 'warn'),
     (checks.judge_catastrophic_overfitting,  # exactly half: not below it
      dict(examples=100, fgsm_accuracy=0.5, pgd50_accuracy=0.25), 'pass'),
     (checks.judge_accuracy_falls_with_epsilon, falls(0.7, 0.5, 0.2), 'pass'),
@@ -261,6 +263,25 @@ JUDGEMENTS = [
     (checks.judge_gradients_alive,
      dict(examples=100, zero_gradient=2, zero_gradient_share=0.02), 'warn'),
 ]
+
+
+def test_the_checks_defaults_are_the_ones_their_comments_justify():
+    assert checks.SETTINGS == checks.Settings(
+        examples=500, square_examples=100, square_queries=1000, step_fraction=0.25, noise=0.01,
+        overfitting_ratio=0.5, overfitting_gap=0.1, large_radius_factor=8.0,
+        large_radius_min_255=64.0, large_radius_accuracy=0.02, square_share=0.02,
+        zero_gradient_share=0.01)
+
+
+def test_the_console_lines_of_the_checks_count_the_warnings_and_name_each_check():
+    warned = [dict(name='a', verdict='warn', meaning='A.'), dict(name='b', verdict='pass',
+                                                                  meaning='B.'),
+              dict(name='c', verdict='warn', meaning='C.')]
+    assert checks.format_checks(warned, 1.25).splitlines() == [
+        '  checks: 2 warnings (1.2 s)', '    WARNING a: A.', '    pass    b: B.',
+        '    WARNING c: C.']
+    assert checks.format_checks(warned[1:2]).splitlines()[0] == '  checks: 0 warnings'
+    assert checks.format_checks(warned[:1]).splitlines()[0] == '  checks: 1 warning'
 
 
 @pytest.mark.parametrize('judge,numbers,verdict', JUDGEMENTS,
