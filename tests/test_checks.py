@@ -265,6 +265,29 @@ JUDGEMENTS = [
 ]
 
 
+class AlwaysClassZero(nn.Module):
+    def forward(self, x):
+        return torch.tensor([1.0, 0.0]).expand(len(x), 2) + 0 * x.flatten(1)[:, :1]
+
+
+def test_square_tries_its_share_of_the_images_with_the_queries_it_is_given(monkeypatch):
+    import pyautoattack.square
+    made = []
+
+    class RecordedSquare(pyautoattack.square.SquareAttack):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(pyautoattack.square, 'SquareAttack', RecordedSquare)
+    x, y = torch.rand(6, 3, 4, 4), torch.zeros(6, dtype=torch.long)
+    settings = checks.Settings(examples=6, square_examples=2, square_queries=5)
+    probe = checks.Probe(AlwaysClassZero(), x, y, 8 / 255, 0, 4, settings)
+    numbers = checks.measure_black_box(probe)
+    # PGD-50 leaves all six: Square tries the first two, with 5 queries.
+    assert numbers == dict(examples=2, queries=5, left_by_pgd50=2, broken_by_square=0)
+    assert [(kwargs['n_queries'], kwargs['eps']) for kwargs in made] == [(5, 8 / 255)]
+
+
 def test_the_checks_defaults_are_the_ones_their_comments_justify():
     assert checks.SETTINGS == checks.Settings(
         examples=500, square_examples=100, square_queries=1000, step_fraction=0.25, noise=0.01,
