@@ -192,6 +192,9 @@ def test_a_process_of_a_multi_node_run_takes_its_global_rank_and_its_nodes_gpu(
     monkeypatch.setattr(ddp.torch.cuda, 'set_device', chosen.append)
     dist = ddp.Distributed.from_env(device)
     assert (dist.rank, dist.local_rank, dist.world_size, dist.is_main) == (3, 1, 4, False)
+    # The first process of the second node is not the main one: only rank 0 writes files.
+    assert [ddp.Distributed(rank, 4, local_rank).is_main
+            for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1))] == [True, False, False, False]
     assert (str(dist.device), joined) == (expected, [backend])
     assert [str(d) for d in chosen] == ([expected] if device == 'cuda' else [])
 

@@ -283,6 +283,7 @@ def test_a_cache_write_killed_by_sigkill_leaves_a_temporary_the_next_run_removes
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     killed, = [n for n in os.listdir(base) if n.startswith('..mixkl-cache-train.npy.')]
+    (base / '..mixkl-cache-val.npy.k1ll3d00').write_bytes(b'a killed write of the val cache')
     # Not ours, or not dead: kept.
     others = ['.mixkl-cache-train.npy.partial', '..metrics.csv.abcd1234', 'notes.txt']
     for name in others:
@@ -291,9 +292,9 @@ def test_a_cache_write_killed_by_sigkill_leaves_a_temporary_the_next_run_removes
     try:
         load_tiny_imagenet(str(tmp_path), train=True)
         listing = os.listdir(base)
-        assert killed not in listing
+        assert killed not in listing and '..mixkl-cache-val.npy.k1ll3d00' not in listing
         assert all(name in listing for name in others) and os.path.basename(live) in listing
-        assert 'removed 1 temporary cache file(s)' in capsys.readouterr().out
+        assert 'removed 2 temporary cache file(s)' in capsys.readouterr().out
     finally:
         os.close(fd)
         os.unlink(live)
