@@ -710,16 +710,20 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
               'moved past epsilon': (X + 1.01 * EPS).clamp(0, 1),  # inside [0, 1]
               'a pixel below 0': below, 'a pixel above 1': above}[returned]
 
+    made = []
+
     class ReturnsThePoints:  # AutoAttack's interface
         def __init__(self, model, norm, eps, version, seed, device):
+            made.append(dict(norm=norm, eps=eps, version=version, seed=seed, device=device))
             self.epsilon, self.attacks_to_run = eps, []
             self.apgd = self.apgd_targeted = self.fab = self.square = argparse.Namespace(
                 n_iter=1, n_restarts=1, n_target_classes=1, n_queries=1, eps=eps)
 
         def run_standard_evaluation(self, x, y, batch_size):
+            made.append(dict(batch_size=batch_size))
             return points, y
     monkeypatch.setattr(pyautoattack, 'AutoAttack', ReturnsThePoints)
-    args = argparse.Namespace(seed=0, batch_size=8)
+    args = argparse.Namespace(seed=3, batch_size=8)
     run = lambda: evaluate.run_autoattack(model, X, y, EPS, args, str(tmp_path / 'aa.log'))
     if refused:
         with pytest.raises(RuntimeError, match='AutoAttack returned points outside the threat'):
@@ -728,6 +732,8 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
         correct, settings = run()
         assert correct == evaluate_batches(model, [(points, y)])[0]
         assert settings['max_perturbation'] == pytest.approx(EPS)
+        assert made == [dict(norm='Linf', eps=EPS, version='standard', seed=3,
+                             device=X.device), dict(batch_size=8)]
 
 
 # ---------------------------------------------------------------------------

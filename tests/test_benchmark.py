@@ -138,6 +138,26 @@ def test_reference_step_is_the_project_step_with_another_fgsm_step():
         torch.testing.assert_close(reference_teacher[k], project_teacher[k])
 
 
+def test_both_steps_count_the_examples_their_adversarial_images_leave_correct():
+    """Without mixup, labelled by the network itself: every clean image is correct, and a
+    step of 32/255 breaks some. The reference step counts those left, as the project's does."""
+    args = training.parse_args('cifar10', ['--no-amp', '--mixup-alpha', '0', '--epsilon', '32',
+                                           '--alpha', '32'])[0]
+    hp = training.hyperparameters(args)
+    torch.manual_seed(0)
+    model = PreActResNet18(10, 8).train()
+    x = torch.rand(16, 3, 32, 32)
+    y = model(x).argmax(1)
+    counts = []
+    for step in (mixkl.mixkl_step, benchmark.reference_step):
+        student = copy.deepcopy(model).train()
+        teacher = mixkl.ConditionalEMA(student, hp.ema_value)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)
+        counts.append(step(student, teacher, optimizer, x, y, hp, epoch=3).correct)
+    assert counts[0] == counts[1] < 16
+
+
 def test_torchvision_reads_the_files_load_cifar_reads(tmp_path):
     root = str(tmp_path)
     write_synthetic_cifar(root, 'cifar100', n_train=20, n_test=5, seed=3)

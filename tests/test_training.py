@@ -380,6 +380,10 @@ def test_a_resumed_trainer_holds_everything_its_checkpoint_saved(tiny_run):
         assert trainer.scheduler.state_dict() == saved['scheduler']
     finally:
         trainer.release()
+    # --resume may name the checkpoint file itself: the run goes on in its directory.
+    trainer = resume(tmp, os.path.join(run_dir, 'checkpoint.pth'))
+    trainer.release()
+    assert (trainer.run_dir, trainer.epoch) == (run_dir, saved['epoch'])
 
 
 def test_the_learning_rate_schedule_spans_every_step_the_partial_batch_included(tmp_path):
