@@ -12,6 +12,7 @@ import os
 import pickle
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -180,6 +181,18 @@ def restart_outcomes(model, X, y, alpha, iters, restarts, seed):
             logits = model(X + delta)
         outcomes.append((logits.argmax(1) != y, F.cross_entropy(logits, y, reduction='none')))
     return outcomes
+
+
+def test_pgd_starts_uniformly_anywhere_in_the_ball():
+    """No step taken (0 iterations): the start itself, on pixels far from 0 and 1, spread
+    evenly over [-eps, eps] (mean 0, variance eps^2 / 3)."""
+    model, _, _ = random_linear_problem()
+    X, y = torch.full((256, 3, 4, 4), 0.5), torch.zeros(256, dtype=torch.long)
+    torch.manual_seed(0)
+    delta = attack_pgd(model, X, y, EPS, EPS / 4, 0, 1)
+    assert -EPS <= delta.min() < -0.99 * EPS and EPS * 0.99 < delta.max() <= EPS
+    assert abs(delta.mean()) < 0.03 * EPS  # 6 standard errors of 12,288 draws
+    assert delta.pow(2).mean() == pytest.approx(EPS ** 2 / 3, rel=0.05)
 
 
 def test_an_example_broken_by_any_restart_counts_as_broken():

@@ -29,6 +29,16 @@ def test_later_evaluations_come_after_earlier_ones_in_number_order_not_text_orde
     assert runs.run_evaluations(str(tmp_path))[-1] == str(tmp_path / 'sub' / 'results.json')
 
 
+def test_evaluations_are_found_in_a_folder_whose_name_has_glob_characters(tmp_path):
+    folder = tmp_path / 'run[seed 1]*?'
+    (folder / 'eval').mkdir(parents=True)
+    for path in (folder / 'results.json', folder / 'results-2.json', folder / 'eval' / 'results.json'):
+        path.write_text('{}')
+    assert runs.evaluations_in(str(folder)) == [str(folder / 'results.json'),
+                                                str(folder / 'results-2.json')]
+    assert runs.evaluations_in(str(folder), below=True) == [str(folder / 'eval' / 'results.json')]
+
+
 def test_each_attack_keeps_the_evaluation_on_most_images_and_the_latest_on_a_tie(tmp_path):
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
     best, final = run / runs.BEST, run / runs.FINAL
