@@ -32,8 +32,8 @@ def test_later_evaluations_come_after_earlier_ones_in_number_order_not_text_orde
 def test_evaluations_are_found_in_a_folder_whose_name_has_glob_characters(tmp_path):
     folder = tmp_path / 'run[seed 1]*?'
     (folder / 'eval').mkdir(parents=True)
-    for path in (folder / 'results.json', folder / 'results-2.json', folder / 'eval' / 'results.json'):
-        path.write_text('{}')
+    for path in ('results.json', 'results-2.json', 'eval/results.json'):
+        (folder / path).write_text('{}')
     assert runs.evaluations_in(str(folder)) == [str(folder / 'results.json'),
                                                 str(folder / 'results-2.json')]
     assert runs.evaluations_in(str(folder), below=True) == [str(folder / 'eval' / 'results.json')]
