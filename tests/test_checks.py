@@ -569,6 +569,23 @@ def saturated_run(tmp_path_factory):
     return root
 
 
+def test_autoattacks_own_warnings_reach_results_json_as_checks(saturated_run, capsys,
+                                                                monkeypatch):
+    root = saturated_run
+
+    def warning_autoattack(model, x, y, epsilon, args, log_path):  # AutoAttack takes minutes
+        logging.getLogger('auto-attack').warning('zero gradients')
+        return len(y), {}
+    monkeypatch.setattr(evaluate, 'run_autoattack', warning_autoattack)
+    code, out, err = evaluate_in_process(capsys, '--model_path', root / 'run' / 'best_model.pth',
+                                         '--out_dir', root / 'aa', '--data-dir', root / 'data',
+                                         '--n_ex', 4, '--attacks', 'aa', '--checks-examples', 4)
+    assert code == 0, err
+    entry, = json.loads((root / 'aa' / 'results.json').read_text())['results']
+    assert [(c['verdict'], c['meaning']) for c in entry['checks'] if c['name'] == 'autoattack'] \
+        == [('warn', 'AutoAttack warned: zero gradients')]
+
+
 def test_the_evaluation_script_reports_the_checks(saturated_run, capsys):
     root = saturated_run
     code, out, err = evaluate_in_process(capsys, '--model_path', root / 'run', '--out_dir',
