@@ -309,6 +309,25 @@ def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
     assert '--epsilon' in argv and argv[argv.index('--epsilon') + 1] == '16'
 
 
+@pytest.mark.parametrize('dataset,training_script,test_script', [
+    ('cifar10', 'MIX_KL_CIFAR10.py', 'test_cifar10.py'),
+    ('cifar100', 'MIX_KL_CIFAR100.py', 'test_cifar100.py'),
+    ('tinyimagenet', 'MIX_KL_TinyImageNet.py', 'test_tinyimagenet.py'),
+])
+def test_each_dataset_is_trained_and_evaluated_by_its_own_scripts(tmp_path, dataset,
+                                                                  training_script, test_script):
+    parsed, (combo,) = grid.parse(['--dataset', dataset, '--out_dir', str(tmp_path),
+                                   '--method', 'fgsm_rs'])
+    stage, argv = grid.next_step(combo, parsed)
+    assert (stage, argv[0]) == ('train', os.path.join(grid.ROOT, training_script))
+    folder = combo.folder(parsed.out_dir)
+    os.makedirs(folder)
+    write_run(tmp_path / 'runs' / combo.name, 'run', combo.argv, [(60, 0, 0.5, 0.25)],
+              dataset=dataset)
+    stage, argv = grid.next_step(combo, parsed)
+    assert (stage, argv[0]) == ('evaluate', os.path.join(grid.ROOT, test_script))
+
+
 def test_the_grid_figure_plots_each_seeds_per_epoch_pgd_accuracy(tmp_path):
     plan = every_run_done()
     plan['mixkl', 16.0, 2] = None
