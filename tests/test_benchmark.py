@@ -86,6 +86,8 @@ def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(caps
     assert [(t.args.seed, t.args.amp) for t in trainers] == printed
     assert {(t.args.epochs, t.args.width, t.args.lr_max, t.args.batch_size,
              t.args.eval_batch_size) for t in trainers} == {(1, 8, 0.03, 8, 512)}
+    # --check-train-images 16 and --eval-images 8: the synthetic data each run trains on.
+    assert {(len(t.train_loader.labels), len(t.eval_loader.labels)) for t in trainers} == {(16, 8)}
     assert len(evaluated) == 4 and all(m is t.student for m, t in zip(evaluated, trainers))
     for t in trainers:
         amp = 'on ' if t.args.amp else 'off'
