@@ -107,6 +107,23 @@ def test_fgsm_step_stays_in_the_ball_and_box_and_follows_the_gradient_sign(epsil
     assert torch.allclose(delta, expected)
 
 
+def test_the_step_starts_half_epsilon_away_and_steps_alpha_from_there():
+    """Away from 0 and 1, without mixup: the first forward sees x +- eps/2, the second
+    x +- (eps/2 +- alpha): 4/255 and 2/255 or 6/255 at eps 8/255 and alpha 2/255."""
+    hp = flag_hyperparameters('--epsilon', '8', '--alpha', '2', '--mixup-alpha', '0')
+    torch.manual_seed(0)
+    student = PreActResNet18(10, width=4).train()
+    teacher = mixkl.ConditionalEMA(student, hp.ema_value)
+    x, y = 0.25 + 0.5 * torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    inputs = []
+    student.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    mixkl.mixkl_step(student, teacher, optimizer, x, y, hp, epoch=0)
+    delta0, delta = ((inputs[i] - x).abs().mul(255).round() for i in (0, 1))
+    assert set(delta0.unique().tolist()) == {4.0}
+    assert set(delta.unique().tolist()) == {2.0, 6.0}
+
+
 def test_consistency_term_by_hand():
     # Two examples, two classes, features of size 2; xm + delta differs from xm by 0.5 in
     # one of four pixels: mse = 0.25 / 4 = 0.0625, so the denominator is 0.1875.
