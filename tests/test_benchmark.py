@@ -58,6 +58,36 @@ def test_benchmark_prints_both_paths_eval_memory_and_projection():
     assert 'command: python benchmark.py --device cpu' in out
 
 
+@pytest.mark.parametrize('method,paths', [('mixkl', ['project', 'reference']),
+                                          ('fgsm_rs', ['project'])])
+def test_benchmark_times_the_steps_and_settings_it_is_given(capsys, monkeypatch, method, paths):
+    settings, timed = [], []
+    real_settings, real_time = benchmark.step_settings, benchmark.time_interleaved
+
+    def step_settings(args, amp):
+        settings.append(real_settings(args, amp))
+        return settings[-1]
+
+    def time_interleaved(steps, warmup, n, device):
+        timed.append((list(steps), warmup, n))
+        return real_time(steps, warmup, n, device)
+    monkeypatch.setattr(benchmark, 'step_settings', step_settings)
+    monkeypatch.setattr(benchmark, 'time_interleaved', time_interleaved)
+    benchmark.main(['--device', 'cpu', '--batch-size', '4', '--width', '8', '--eval-images', '6',
+                    '--steps', '2', '--warmup', '1', '--method', method, '--amp', '--seed', '5',
+                    '--dataset', 'cifar100', '--arch', 'resnet18'])
+    out = capsys.readouterr().out
+    assert timed == [(paths, 1, 2)]
+    # The project path in bf16 when asked, the reference path in fp32; both the flags' run.
+    (project, project_hp), (reference, reference_hp) = settings
+    assert (project_hp.amp, reference_hp.amp) == (True, False)
+    for args, hp in settings:
+        assert (args.batch_size, args.width, args.arch, args.method, args.seed, args.dataset,
+                hp.num_classes) == (4, 8, 'resnet18', method, 5, 'cifar100', 100)
+    assert '2 timed steps per path after 1 warm-up, batch 4, resnet18 width 8' in out
+    assert 'PGD-10 eval:' in out and '(6 images at full cost' in out
+
+
 def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(capsys, monkeypatch):
     trainers, evaluated = [], []  # each run's trainer; each model the check evaluated
 
