@@ -8,12 +8,15 @@ partial or temporary file.
 """
 import errno
 import json
+import logging
 import os
 import resource
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pyautoattack
 import pytest
 import torch
 
@@ -254,6 +257,26 @@ def test_a_failed_append_to_a_log_leaves_it_as_it_was(small_disk):
         files.append_text(str(log), 'x' * 100_000 + '\n')
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(log)
     assert log.read_text() == 'first line\n'
+
+
+def test_autoattacks_log_on_a_full_disk_stops_the_evaluation_and_leaves_no_partial_log(
+        small_disk, monkeypatch):
+    class LogsALot:  # AutoAttack's interface, and a long log
+        def __init__(self, model, norm, eps, version, seed, device):
+            pass
+
+        def run_standard_evaluation(self, x, y, batch_size):
+            for i in range(200):
+                logging.getLogger('auto-attack').info(f'line {i} ' + 'x' * 1000)
+            return x, y
+    monkeypatch.setattr(pyautoattack, 'AutoAttack', LogsALot)
+    fill(small_disk, leave=16 * 1024)
+    model, x, y = torch.nn.Flatten(), torch.rand(2, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(OSError) as error:
+        evaluate.run_autoattack(model, x, y, 8 / 255, SimpleNamespace(seed=0, batch_size=2),
+                                str(small_disk / 'model_autoattack.log'))
+    assert error.value.errno == errno.ENOSPC
+    assert os.listdir(small_disk) == ['filler']
 
 
 # ---------------------------------------------------------------------------
