@@ -523,16 +523,22 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_attack(
     assert err.startswith(expected) and len(err.splitlines()) == 1
 
 
+def autoattack_writing(describe):
+    """A stand-in for run_autoattack (AutoAttack takes minutes): its log holds
+    ``describe(model, args)``; no image is left correct."""
+    def run_autoattack(model, x, y, epsilon, args, log_path):
+        with open(log_path, 'w') as f:
+            f.write(describe(model, args))
+        return 0, {}
+    return run_autoattack
+
+
 def test_a_second_evaluation_into_the_same_out_dir_keeps_the_first(tmp_path, capsys,
                                                                    monkeypatch):
     checkpoint = model_and_data(tmp_path)
     out_dir = tmp_path / 'out'
-
-    def fake_autoattack(model, x, y, epsilon, args, log_path):  # AutoAttack takes minutes
-        with open(log_path, 'w') as f:
-            f.write(f'seed {args.seed}')
-        return 0, {}
-    monkeypatch.setattr(evaluate, 'run_autoattack', fake_autoattack)
+    monkeypatch.setattr(evaluate, 'run_autoattack',
+                        autoattack_writing(lambda model, args: f'seed {args.seed}'))
     for seed, name in enumerate(['results.json', 'results-2.json', 'results-3.json']):
         code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
                                              out_dir, '--data-dir', tmp_path / 'data',
@@ -555,12 +561,8 @@ def test_two_runs_checkpoints_of_one_name_keep_an_autoattack_log_each(tmp_path, 
         torch.manual_seed(seed)  # weights of their own: each is attacked
         save(PreActResNet18(10, width=8).state_dict(), run / 'best_model.pth')
     out_dir = tmp_path / 'out'
-
-    def fake_autoattack(model, x, y, epsilon, args, log_path):  # AutoAttack takes minutes
-        with open(log_path, 'w') as f:
-            f.write(f'{model.linear.weight.sum().item()!r} seed {args.seed}')
-        return 0, {}
-    monkeypatch.setattr(evaluate, 'run_autoattack', fake_autoattack)
+    monkeypatch.setattr(evaluate, 'run_autoattack', autoattack_writing(
+        lambda model, args: f'{model.linear.weight.sum().item()!r} seed {args.seed}'))
     for seed in (0, 1):  # a second call into the same --out_dir keeps the first's logs
         code, out, err = evaluate_in_process(
             capsys, '--model_path', *[run / 'best_model.pth' for run in runs], checkpoint,
