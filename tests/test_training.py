@@ -653,12 +653,13 @@ def test_a_signal_during_the_evaluation_stops_it_at_once_and_the_resume_matches(
     assert whole.fit() == 0
     evaluate, calls = training.evaluate_robustness, []
 
-    def signalled(*args, **kwargs):  # SIGTERM as the first evaluation starts
+    def signalled(*args, **kwargs):  # SIGTERM as the first evaluation ends: PGD drew its starts
         calls.append(1)
+        result = evaluate(*args, **kwargs)
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler interrupts this at once
-        return evaluate(*args, **kwargs)
+        return result
 
     monkeypatch.setattr(training, 'evaluate_robustness', signalled)
     trainer = training.Trainer(*tiny_args(tmp_path))
