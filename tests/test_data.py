@@ -75,6 +75,26 @@ def test_training_batches_are_the_planned_crops_of_the_shuffled_images():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(tail, batches[2:]))
 
 
+def test_without_augmentation_the_training_batches_are_the_shuffled_images_as_they_are():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(20)
+    loader = CifarLoader(images, labels, 8, 'cpu', train=True, seed=1, augment=False)
+    x, order = (torch.cat(parts) for parts in zip(*loader.batches(epoch=1)))  # labels: indices
+    assert sorted(order.tolist()) == list(range(20)) and not torch.equal(order, labels)
+    assert torch.equal(x, images[order].float() / 255)
+
+
+def test_the_shuffle_follows_the_seed_and_the_epoch():
+    """The plan of epoch e from seed s is torch's permutation from seed s * 100003 + e: a
+    run's order is known from its flags alone, and two seeds never share one."""
+    images, labels = torch.zeros(30, 3, 32, 32, dtype=torch.uint8), torch.arange(30)
+    for seed, epoch in ((0, 0), (0, 4), (2, 0), (2, 4)):
+        order, _ = CifarLoader(images, labels, 8, 'cpu', train=True, seed=seed).epoch_plan(epoch)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        assert torch.equal(order, torch.randperm(30, generator=g)), (seed, epoch)
+
+
 @pytest.mark.parametrize('world_size', [2, 3])
 def test_under_torchrun_the_ranks_split_each_global_batch_between_them(world_size):
     """Rank r takes images r, r + N, ... of every global batch: together the ranks see the

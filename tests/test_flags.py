@@ -15,7 +15,8 @@ METHOD_DEFAULTS = dict(
     delta_init='random', mixup_alpha=0.4, lamda=12.0, tau0=2.0, gamma=0.99,
     tau_schedule='geometric', lambda_kl_base=1.0, ema_value=0.82, ema_decay_max=0.999,
     con_reference='clean', pgd_iters=10, pgd_alpha=2.0, seed=0, val_examples=0,
-    train_examples=None, eval_examples=None, resume=None, sync_bn=False)
+    train_examples=None, eval_examples=None, resume=None, sync_bn=False, eval_batch_size=512,
+    alarm_examples=512)
 
 
 @pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
