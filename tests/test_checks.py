@@ -19,8 +19,7 @@ import checks
 import evaluate
 import runs
 import training
-from conftest import (adversarially_trained_mlp, coloured_images, evaluate_in_process,
-                      read_metrics)
+from conftest import adversarially_trained_mlp, coloured_images, evaluate_in_process
 from preactresnet import PreActResNet18
 from synthetic import write_synthetic_cifar
 from utils import attack_fgsm, attack_pgd, robust_mask
@@ -406,19 +405,25 @@ def test_the_training_alarm_and_the_evaluation_check_say_the_same_words():
                      '0.0100 (best 0.4000) while FGSM accuracy is 0.9000: ' + checks.MASKING)
 
 
-def test_the_training_alarm_logs_the_shared_words(tmp_path, monkeypatch):
+def test_the_training_alarm_fires_when_pgd_collapses_while_fgsm_holds_in_the_shared_words(
+        tmp_path, monkeypatch):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
-    monkeypatch.setattr(runs, 'overfitting_alarm', lambda fgsm, pgd: True)
+    # (FGSM, PGD) accuracy on the alarm's images after epochs 1 and 2: PGD falls from 0.3 to
+    # 0.02, below half its best, while FGSM rises.
+    scripted = iter([(0.4, 0.3), (0.9, 0.02)])
+    monkeypatch.setattr(training.Trainer, '_alarm_accuracies', lambda self: next(scripted))
     with pytest.raises(SystemExit) as exit_info:
         training.main('cifar10', ['--data-dir', str(tmp_path / 'data'), '--out_dir',
-                                  str(tmp_path / 'output'), '--epochs', '1', '--batch-size',
+                                  str(tmp_path / 'output'), '--epochs', '2', '--batch-size',
                                   '16', '--width', '8', '--alarm-examples', '8'])
     assert exit_info.value.code == 0
     run_dir, = (tmp_path / 'output').iterdir()
-    row, = read_metrics(str(run_dir))
-    fgsm, pgd = float(row['alarm_fgsm_acc']), float(row['alarm_pgd_acc'])
-    warning = 'WARNING: ' + checks.overfitting_warning('8 training images', fgsm, pgd, best_pgd=pgd)
-    assert any(line.endswith(warning) for line in (run_dir / 'train.log').read_text().splitlines())
+    lines = [line.split('] ', 1)[-1] for line in (run_dir / 'train.log').read_text().splitlines()]
+    warning = 'WARNING: ' + checks.overfitting_warning('8 training images', 0.9, 0.02,
+                                                       best_pgd=0.3)
+    assert [line for line in lines if line.startswith('WARNING')] == [warning]
+    assert lines.index(warning) > next(i for i, line in enumerate(lines)
+                                       if line.startswith('epoch 2/2'))
 
 
 # ---------------------------------------------------------------------------

@@ -371,6 +371,7 @@ def test_a_run_saved_before_its_process_count_was_recorded_resumes_as_one_proces
 
 @pytest.mark.parametrize('n, batch_size, world_size, smallest', [
     (33, 16, 2, 1),   # the last batch holds 1 image for 2 processes
+    (34, 16, 2, None),  # 2 images for 2 processes: one each
     (64, 48, 3, 16),  # 48 then 16 images: each of 3 processes gets some of both
     (32, 16, 2, None),
     (5, 16, 4, None),  # one batch of 5: 4 processes take 2, 1, 1, 1

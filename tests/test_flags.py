@@ -177,3 +177,13 @@ def test_amp_and_channels_last_default_on_for_cuda_only():
     for name, message in (('cpu:1', 'one CPU device'), ('mps', 'not mps'), ('x', 'not a device')):
         with pytest.raises(InputError, match=message):
             cli.check_device(name)
+
+
+def test_a_gpu_number_is_checked_against_the_gpus_of_the_machine(monkeypatch):
+    monkeypatch.setattr(cli.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(cli.torch.cuda, 'device_count', lambda: 2)
+    assert [str(cli.check_device(name)) for name in ('cuda', 'cuda:0', 'cuda:1')] == \
+        ['cuda', 'cuda:0', 'cuda:1']
+    with pytest.raises(InputError, match=r'--device cuda:2: this machine has 2 GPU\(s\), '
+                                         'cuda:0 to cuda:1'):
+        cli.check_device('cuda:2')

@@ -245,6 +245,18 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     assert checkpoint['epoch'] == 0 and 0 <= checkpoint['step'] < 32
 
 
+def test_a_second_signal_quits_at_once_without_a_checkpoint(capsys):
+    stop = training.StopSignal()
+    with stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a checkpoint
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler interrupts this at once
+    assert 'SIGTERM: saving a checkpoint after this step' in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, 'handlers restored'
+
+
 @pytest.mark.parametrize('too_much, epoch, kept', [
     (['--lamda', '1e6'], 1, []),  # a non-finite loss at the second step
     ([], 2, ['checkpoint.pth', 'best_model.pth']),  # weights past the limit in epoch 2
