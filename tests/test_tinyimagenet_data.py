@@ -1,4 +1,5 @@
 """Tiny-ImageNet-200 folders in, uint8 tensors out: layout, labels, the decode cache, bad input."""
+import errno
 import io
 import json
 import os
@@ -395,19 +396,20 @@ def test_a_damaged_cache_is_rebuilt_with_a_note(tmp_path, monkeypatch, capsys, h
     assert torch.equal(x, x3)
 
 
+@pytest.mark.parametrize('code', [errno.EACCES, errno.EPERM, errno.EROFS])
 def test_a_folder_that_cannot_be_written_is_decoded_into_memory_with_one_note(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, code):
     base = make(tmp_path)
 
     def read_only(*args):
-        raise PermissionError(13, 'Permission denied')
+        raise OSError(code, os.strerror(code))
     monkeypatch.setattr(tinyimagenet, 'atomic_write_array', read_only)
     x, y = load_tiny_imagenet(str(tmp_path), train=False)
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if 'cannot write the cache' in line]
-    assert notes == [f'note: cannot write the cache {cache_paths(base, "val")[0]} (Permission '
-                     'denied); the val split is kept in memory only and will be decoded again '
-                     'next time']
+    assert notes == [f'note: cannot write the cache {cache_paths(base, "val")[0]} '
+                     f'({os.strerror(code)}); the val split is kept in memory only and will be '
+                     'decoded again next time']
     assert not any(name.startswith('.mixkl-cache') for name in os.listdir(base))
     assert x.shape == (12, 3, 64, 64) and len(y) == 12
 
