@@ -457,11 +457,12 @@ def test_the_trainer_takes_every_flag_of_the_step_optimizer_loaders_and_teacher(
     assert same_weights(trainer.student.state_dict(), fresh.state_dict())
 
 
-def test_the_per_epoch_evaluation_and_the_alarm_run_pgd_with_pgd_alpha_and_pgd_iters(
+def test_the_per_epoch_evaluation_the_alarm_and_the_curves_use_pgd_alpha_and_pgd_iters(
         tmp_path, monkeypatch):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=16, n_test=8, seed=2)
     trainer = training.Trainer(*tiny_args(tmp_path, '--epochs', '1', '--epsilon', '6',
-                                          '--pgd-alpha', '1.5', '--pgd-iters', '3'))
+                                          '--alpha', '5', '--pgd-alpha', '1.5', '--pgd-iters',
+                                          '3'))
     evaluations, alarms = [], []
     real_evaluate, real_pgd = training.evaluate_robustness, training.pgd_attack
 
@@ -474,9 +475,13 @@ def test_the_per_epoch_evaluation_and_the_alarm_run_pgd_with_pgd_alpha_and_pgd_i
         return real_pgd(epsilon, alpha, iters, restarts, *args)
     monkeypatch.setattr(training, 'evaluate_robustness', evaluate_robustness)
     monkeypatch.setattr(training, 'pgd_attack', pgd_attack)
+    plotted = []  # curves.png names the evaluation's radius and steps in its legends
+    monkeypatch.setattr(training.plots, 'plot_curves', lambda *args: plotted.append(args))
     assert trainer.fit() == 0
     assert evaluations == [(6 / 255, 1.5 / 255, 3)]
     assert alarms == [(6 / 255, 1.5 / 255, 3, 1)]
+    assert plotted == [(trainer.history, os.path.join(trainer.run_dir, 'curves.png'), 'mixkl',
+                        6.0, 3)]
 
 
 def test_val_examples_must_leave_at_least_one_training_image(tmp_path):
