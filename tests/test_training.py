@@ -218,6 +218,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert not os.path.exists(os.path.join(run_dir, 'final_model.pth'))
     stopped = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
     assert stopped['epoch'] == 1 and 0 <= stopped['step'] < 16
+    assert stopped['stats']['seconds'] > 0, 'the time trained before the stop is kept'
 
     resumed = train('cifar10', tmp_path, '--resume', run_dir)
     assert resumed.returncode == 0, resumed.stderr
