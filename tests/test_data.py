@@ -427,10 +427,11 @@ def test_arrays_pickled_by_python_2_with_their_data_as_text_load(tmp_path):
     assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
 
 
-def test_an_array_pickled_in_fortran_order_loads_as_its_numbers(tmp_path):
+@pytest.mark.parametrize('protocol', [2, 5])  # 5 keeps the array's buffer out of band
+def test_an_array_pickled_in_fortran_order_loads_as_its_numbers(tmp_path, protocol):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
     images = np.arange(10 * 3072).astype(np.uint8).reshape(10, 3072)
-    rewrite_batch(tmp_path, {'data': np.asfortranarray(images)})
+    rewrite_batch(tmp_path, {'data': np.asfortranarray(images)}, protocol=protocol)
     x, _ = load_cifar('cifar10', str(tmp_path), train=True, quiet=True)
     assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
 
