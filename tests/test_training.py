@@ -399,6 +399,17 @@ def test_a_resumed_trainer_holds_everything_its_checkpoint_saved(tiny_run):
     assert (trainer.run_dir, trainer.epoch) == (run_dir, saved['epoch'])
 
 
+def test_a_resume_takes_the_cpu_thread_count_the_run_saved(tiny_run, monkeypatch):
+    tmp, run_dir = tiny_run
+    threads = load_weights(os.path.join(run_dir, 'checkpoint.pth'))['threads']
+    assert threads == torch.get_num_threads()
+    chosen = []  # resumed on a process with one thread more than the run had
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: threads + 1)
+    monkeypatch.setattr(torch, 'set_num_threads', chosen.append)
+    resume(tmp, run_dir).release()
+    assert chosen == [threads]
+
+
 def test_the_learning_rate_schedule_spans_every_step_the_partial_batch_included(tmp_path):
     """36 images in batches of 16: 3 steps an epoch (the last of 4 images), 6 in 2 epochs."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=36, n_test=16, seed=2)
