@@ -137,6 +137,17 @@ def test_the_alarm_epochs_are_those_after_which_training_logged_the_alarm(tmp_pa
     assert runs.read_run(str(run))['alarm_epochs'] == [3, 6]
 
 
+def test_a_run_from_before_the_alarm_columns_reads_as_no_alarm(tmp_path):
+    run = write_run(tmp_path, 'run', [], [(1, 1, 0.5, 0.3)] * 3)
+    lines = (run / runs.METRICS).read_text().splitlines()
+    keep = [i for i, name in enumerate(lines[0].split(',')) if not name.startswith('alarm_')]
+    assert len(keep) == len(lines[0].split(',')) - 2
+    (run / runs.METRICS).write_text(''.join(','.join(line.split(',')[i] for i in keep) + '\n'
+                                            for line in lines))
+    got = runs.read_run(str(run))
+    assert len(got['rows']) == 3 and got['alarm_epochs'] == []
+
+
 def test_a_checkpoint_from_another_run_directory_is_named_field_by_field(tmp_path):
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
     config = runs.read_config(str(run))
