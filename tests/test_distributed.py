@@ -17,7 +17,7 @@ import torch
 import ddp
 import training
 from conftest import ROOT, read_metrics, same_weights, the_run_dir
-from utils import InputError
+from utils import CifarLoader, InputError, load_cifar
 from synthetic import write_synthetic_cifar
 
 # Small enough for a slow CPU, long enough (4 steps x 3 epochs) to be stopped part way.
@@ -334,18 +334,34 @@ result = SimpleNamespace(loss=[1.0, 5.0][rank], correct=[2, 1][rank], n=[3, 1][r
                          teacher_updated=1)
 training.Trainer._record(trainer, 0, result, SimpleNamespace(signum=[None, 15][rank]))
 out['record'] = dict(trainer.stats, stop=trainer._stop_agreed, step=trainer.step)
+
+# The trainer's loader gives each rank its share of every global batch of the run's shuffle.
+args, parser = training.parse_args('cifar10', [
+    '--data-dir', sys.argv[2], '--out_dir', sys.argv[3], '--batch-size', '8', '--width', '8',
+    '--alarm-examples', '8', '--seed', '3'])
+trainer = training.Trainer(args, parser, dist)
+labels = [y.tolist() for _, y in trainer.train_loader.batches(epoch=1)]
+trainer.release()
+json.dump(labels, open(f'{sys.argv[1]}.{rank}', 'w'))
 if rank == 0:
     json.dump(out, open(sys.argv[1], 'w'))
 dist.close()
 '''
 
 
-def test_the_ranks_average_gradients_and_sum_their_evaluation_teacher_and_step_counts(tmp_path):
+def test_the_ranks_average_gradients_and_sum_their_evaluation_teacher_and_step_counts(
+        tmp_path, data_dir):
     script = tmp_path / 'check.py'
     script.write_text(textwrap.dedent(GRADIENT_AND_EVAL_SCRIPT))
-    result, output = run(torchrun(2, script, tmp_path / 'out.json'), tmp_path)
+    result, output = run(torchrun(2, script, tmp_path / 'out.json', data_dir, tmp_path / 'runs'),
+                         tmp_path)
     assert result.returncode == 0, output
     out = json.load(open(tmp_path / 'out.json'))
+    # Rank r's batches hold images r, r + 2, ... of the single-process run's batches.
+    x, y = load_cifar('cifar10', data_dir, train=True, quiet=True)
+    alone = [b.tolist() for _, b in CifarLoader(x, y, 8, 'cpu', train=True, seed=3).batches(1)]
+    shares = [json.load(open(tmp_path / f'out.json.{rank}')) for rank in (0, 1)]
+    assert shares == [[batch[rank::2] for batch in alone] for rank in (0, 1)]
     for method in ('mixkl', 'fgsm_rs'):
         assert out[method]['identical_on_ranks'] and out[method]['teacher_identical'], method
         assert out[method]['max_error'] < 1e-5, (method, out[method])
