@@ -39,6 +39,7 @@ def test_flags_are_read_with_and_without_an_equals_sign():
     (['--slurm', 'local', '--parallel', '2'], '--gpus and --parallel are for a local grid'),
     (['--slurm', 'local', '--sbatch', 'account'], '--sbatch account: KEY=VALUE'),
     (['--slurm', 'local', '--time-min', '0'], 'argument --time-min: 0.0 must be > 0'),
+    (['--device', 'mps'], 'argument --device: the scripts run on cpu or cuda, not mps'),
     (['--epsilon', '8', '--lr-max', '0.1', '--epsilon=16'], '--epsilon: given twice'),
     (['--n_ex', '10', '--n-ex', '20'], '--n-ex: given twice'),
 ])

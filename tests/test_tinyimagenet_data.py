@@ -112,6 +112,20 @@ def test_hidden_files_beside_the_images_are_not_images(tmp_path):
     assert len(load(tmp_path, train=False)[1]) == 4
 
 
+def test_images_named_jpg_or_jpeg_in_any_case_are_images_and_other_files_are_not(tmp_path):
+    base = make(tmp_path, num_classes=2, per_class=4, n_val=4)
+    x, y = load(tmp_path, train=True)
+    wnid = sorted(listed_wnids(base))[0]
+    folder = tmp_path / 'tiny-imagenet-200' / 'train' / wnid / 'images'
+    names = sorted(os.listdir(folder))
+    # Renamed (the same images): .jpg, .JPG, .jpeg; a README beside them is not an image.
+    for name, suffix in zip(names[1:], ('.jpg', '.JPG', '.jpeg')):
+        (folder / name).rename(folder / (name.rsplit('.', 1)[0] + suffix))
+    (folder / 'README.txt').write_text('not an image')
+    x2, y2 = load(tmp_path, train=True)
+    assert torch.equal(y2, y) and torch.equal(x2, x)
+
+
 def test_without_wnids_txt_the_classes_are_the_sorted_train_folders(tmp_path):
     make(tmp_path / 'listed', seed=3)
     unlisted = make(tmp_path / 'unlisted', seed=3, wnids_file=False)
@@ -353,6 +367,9 @@ def damage(base, how, victim):
         sidecar['array'] = {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
         with open(sidecar_path, 'w') as f:
             json.dump(sidecar, f)
+    elif how == 'replaced by another array, the sidecar untouched':
+        with open(array_path, 'wb') as f:  # the right shape and dtype, other pixels
+            f.write(npy_bytes(np.zeros((24, 3, 64, 64), np.uint8)))
     elif how == 'truncated':
         with open(array_path, 'wb') as f:
             f.write(good[:len(good) - 1000])
@@ -370,6 +387,7 @@ def damage(base, how, victim):
 
 @pytest.mark.parametrize('how', [
     'truncated', 'sidecar garbage', 'sidecar nested too deep', 'array deleted',
+    'replaced by another array, the sidecar untouched',
     'forged: truncated',
     'forged: not an npy file', 'forged: another shape', 'forged: another dtype',
     'forged: fortran order', 'forged: a pickle that would create a file',
