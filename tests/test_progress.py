@@ -88,3 +88,12 @@ def test_work_of_unknown_length_is_counted_without_an_estimate(a_minute_per_step
     bar = progress.PlainProgress((i for i in range(10)), desc='attack', every_s=300, stream=out)
     assert list(bar) == list(range(10))
     assert out.getvalue() == 'attack: 5 it, 5.0 min\nattack: 10 it, 10.0 min\n'
+
+
+def test_an_update_counts_what_it_is_given(a_minute_per_step):
+    out = io.StringIO()
+    bar = progress.PlainProgress(None, total=100, desc='images', every_s=60, stream=out)
+    bar.update(30)  # one minute: a line
+    bar.update(20)
+    assert out.getvalue().splitlines() == ['images: 30/100 it, 1.0 min, about 2.3 min left',
+                                           'images: 50/100 it, 2.0 min, about 2.0 min left']
