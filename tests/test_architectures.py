@@ -146,6 +146,20 @@ def test_a_checkpoint_names_its_architecture_and_width(arch, tmp_path):
         load_model_weights(str(path), 'cifar10', arch=other)
 
 
+def test_wide_resnet_convolutions_start_he_normal_by_their_fan_out():
+    """std sqrt(2 / (out channels x k x k)), the usual WideResNet initialisation; each
+    convolution here has at least 400 weights, so its std is within 15% of that."""
+    torch.manual_seed(0)
+    model = models.build_model('wrn34-10', 10, width=1)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 33 and min(c.weight.numel() for c in convs) >= 400
+    for conv in convs:
+        out_channels, _, k, _ = conv.weight.shape
+        assert conv.weight.std().item() == pytest.approx((2 / (out_channels * k * k)) ** 0.5,
+                                                         rel=0.15), conv
+    assert not model.fc.bias.any()
+
+
 def test_tiny_imagenet_models_normalise_inside_and_keep_it_out_of_the_state_dict(tmp_path):
     torch.manual_seed(0)
     plain = models.build_model('preactresnet18', 200, 4, 64).eval()

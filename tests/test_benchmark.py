@@ -6,6 +6,7 @@ here are tiny: one step of batch 8 at width 8.
 """
 import copy
 import re
+import resource
 import statistics
 
 import numpy as np
@@ -86,6 +87,10 @@ def test_benchmark_times_the_steps_and_settings_it_is_given(capsys, monkeypatch,
                 hp.num_classes) == (4, 8, 'resnet18', method, 5, 'cifar100', 100)
     assert '2 timed steps per path after 1 warm-up, batch 4, resnet18 width 8' in out
     assert 'PGD-10 eval:' in out and '(6 images at full cost' in out
+    # On CPU: this process's peak RSS (ru_maxrss, KiB on Linux) in MiB; torch alone takes
+    # more than 100 MiB.
+    peak = figure(r'^peak memory: +(\d+) MiB peak RSS', out)
+    assert 100 < peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(capsys, monkeypatch):
