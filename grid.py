@@ -272,6 +272,13 @@ NO_PROGRESS = {
 }
 
 
+def record_no_progress(folder, combo, stage):
+    """Record the combination as failed: its ``stage`` exited 0 yet is needed again."""
+    message = NO_PROGRESS[stage]
+    write_record(folder, combo, status='failed', stage=stage, exit_code=0, message=message)
+    return message
+
+
 def remove_unstarted(folder):
     """Run directories killed before their first checkpoint: nothing in them to resume."""
     if not os.path.isdir(folder):
@@ -496,9 +503,7 @@ class LocalGrid:
             return False
         stage, argv = step
         if stage == succeeded:
-            message = NO_PROGRESS[stage]
-            write_record(folder, combo, status='failed', stage=stage, exit_code=0, message=message)
-            self.report.finished(combo, 'failed', message, stage)
+            self.report.finished(combo, 'failed', record_no_progress(folder, combo, stage), stage)
             return False
         slot = self.free.pop(0)
         write_record(folder, combo, status='running', stage=stage)
@@ -559,8 +564,7 @@ class GridJob:
                     return 'done'
                 stage, argv = step
                 if stage == succeeded:
-                    write_record(folder, self.combo, status='failed', stage=stage, exit_code=0,
-                                 message=NO_PROGRESS[stage])
+                    record_no_progress(folder, self.combo, stage)
                     return 'failed'
                 write_record(folder, self.combo, status='running', stage=stage)
                 running = Running(self.combo, stage, argv, slot, folder, lock_file)
