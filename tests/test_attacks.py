@@ -347,9 +347,9 @@ def test_a_checkpoint_no_training_writes_is_refused_naming_the_tensor(tmp_path, 
         load_model_weights(path, 'cifar10', None, None, 'test_cifar10.py')
 
 
-def test_half_and_double_precision_weights_load_as_float(tmp_path):
+def test_half_bfloat16_and_double_precision_weights_load_as_float(tmp_path):
     state = PreActResNet18(10, width=8).state_dict()
-    for dtype in (torch.float16, torch.float64):
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
         path = save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                     tmp_path / 'model.pth')
         model = load_model_weights(path, 'cifar10')

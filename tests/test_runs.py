@@ -233,3 +233,9 @@ def test_a_run_before_its_first_epoch_has_no_rows_and_binary_records_are_refused
     (run / 'config.json').write_bytes(b'{"method": "\xff"}')
     with pytest.raises(runs.InputError, match=r'config.json: not a text file$'):
         runs.read_config(str(run))
+
+
+def test_the_json_depth_counts_brackets_outside_strings_escaped_quotes_included():
+    assert runs.json_depth('{"a": [[1], {"b": []}]}') == 4
+    assert runs.json_depth('{"a": "[[[{", "b": "\\\\"}') == 1, 'a quote after \\\\ ends it'
+    assert runs.json_depth('{"a": "\\"[[[[", "b": 1}') == 1, 'a quote after \\ does not'
