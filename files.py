@@ -191,17 +191,23 @@ def append_text(path, text):
     """Append ``text`` to ``path``, all or nothing: a failed write is truncated away again.
 
     For logs: a full disk leaves the lines written before it, never half a line.
+    Unbuffered: a buffered file would write part of the text, then fail again
+    flushing what is left before it truncates, and keep the part.
     """
-    with open(path, 'ab') as f:
-        start = f.tell()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
         try:
-            f.write(text.encode())
-            f.flush()
+            rest = memoryview(text.encode())
+            while rest:
+                rest = rest[os.write(fd, rest):]
         except OSError as e:
             with contextlib.suppress(OSError):
-                f.truncate(start)
+                os.ftruncate(fd, start)
             e.filename = e.filename or path
             raise
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

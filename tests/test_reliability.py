@@ -259,6 +259,20 @@ def test_a_failed_append_to_a_log_leaves_it_as_it_was(small_disk):
     assert log.read_text() == 'first line\n'
 
 
+def test_an_append_cut_short_by_the_file_size_limit_leaves_the_log_as_it_was(tmp_path):
+    """Part of the text fits: that part is truncated away again."""
+    log = tmp_path / 'train.log'
+    log.write_text('first line\n')
+    script = (f'import sys; sys.path.insert(0, {ROOT!r}); import files\n'
+              'try:\n'
+              f'    files.append_text({str(log)!r}, "x" * 20 + "\\n")\n'
+              'except OSError as e:\n'
+              '    print(e.errno, e.filename)\n')
+    proc = run_limited(['-c', script], tmp_path, fsize=16)
+    assert proc.stdout.split() == [str(errno.EFBIG), str(log)], proc.stderr
+    assert log.read_text() == 'first line\n'
+
+
 def test_autoattacks_log_on_a_full_disk_stops_the_evaluation_and_leaves_no_partial_log(
         small_disk, monkeypatch):
     class LogsALot:  # AutoAttack's interface, and a long log
