@@ -32,9 +32,9 @@ from progress import progress
 from models import build_model as build_architecture
 from data import load_dataset
 from files import append_text
-from utils import (DATASETS, WEIGHT_LIMIT, CifarLoader, InputError, atomic_save, attack_fgsm,
-                   check_writable_dir, cudnn_autotuning, evaluate_batches, evaluate_robustness,
-                   one_line, pgd_attack, safe_torch_load)
+from utils import (DATASETS, WEIGHT_LIMIT, CifarLoader, InputError, NonFiniteLogits, atomic_save,
+                   attack_fgsm, check_writable_dir, cudnn_autotuning, evaluate_batches,
+                   evaluate_robustness, one_line, pgd_attack, safe_torch_load)
 
 
 # ---------------------------------------------------------------------------
@@ -470,6 +470,8 @@ class Trainer:
             set_rng_state(before)
             self.student.train()
             return False
+        except NonFiniteLogits as e:  # finite weights, logits past float range: diverged too
+            raise Diverged(f'{e} (the evaluation after epoch {epoch + 1})')
         self._check_replicas(epoch)
         tau = temperature(epoch, a.tau0, a.gamma, a.tau_schedule)
         row = dict(epoch=epoch + 1, seconds=round(self.stats['seconds'], 2),

@@ -23,7 +23,7 @@ import summarize
 import training
 from conftest import load_weights, run_script, same_weights, the_run_dir
 from synthetic import write_synthetic_cifar
-from utils import attack_fgsm, attack_pgd
+from utils import NonFiniteLogits, attack_fgsm, attack_pgd
 
 EPS = 8 / 255
 # Explicit steps, unlike the defaults: the training step (0.5/255) is far weaker than the
@@ -44,11 +44,11 @@ def cifar_split(data_dir, train):
     return torch.from_numpy(data).float() / 255, torch.from_numpy(labels).long()
 
 
-def train_in_process(argv):
-    """training.main as MIX_KL_CIFAR10.py calls it; fails unless it exits with status 0."""
+def train_in_process(argv, status=0):
+    """training.main as MIX_KL_CIFAR10.py calls it; fails unless it exits with ``status``."""
     with pytest.raises(SystemExit) as exit_info:
         training.main('cifar10', [str(a) for a in argv])
-    assert exit_info.value.code == 0
+    assert exit_info.value.code == status
 
 
 def accuracy(model, X, y, attack=None):
@@ -227,6 +227,30 @@ def test_the_first_epoch_reaching_the_best_pgd_accuracy_gives_best_model(tmp_pat
     assert same_weights(os.path.join(run_dir, 'final_model.pth'), evaluated[2])
     row = dict(zip(summarize.HEADER, summarize.summary_row(runs.read_run(run_dir, []))))
     assert (row['best epoch'], row['best PGD'], row['final clean']) == ('2', '30.00%', '70.00%')
+
+
+def test_a_best_of_0_pgd_accuracy_is_a_best_model_and_nan_logits_later_a_divergence(
+        tmp_path, monkeypatch, capsys):
+    """NaN or inf logits of weights still finite stop the run as diverged (status 1),
+    keeping what the epochs before saved, its 0.0 best included."""
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    evaluated = []
+
+    def scripted_evaluation(model, batches, *args, **kwargs):
+        if evaluated:
+            raise NonFiniteLogits('the model gives NaN or inf logits')
+        evaluated.append(copy.deepcopy(model.state_dict()))
+        return 0.25, 0.0
+    monkeypatch.setattr(training, 'evaluate_robustness', scripted_evaluation)
+    train_in_process(['--data-dir', tmp_path / 'data', '--out_dir', tmp_path / 'out',
+                      '--epochs', 2, '--batch-size', 16, '--width', 8, '--alarm-examples', 8,
+                      '--device', 'cpu'], status=1)
+    run_dir = the_run_dir(tmp_path / 'out')
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        'error: the run diverged: the model gives NaN or inf logits (the evaluation after '
+        f'epoch 2). Kept in {run_dir}, from before it diverged: checkpoint.pth, best_model.pth.')
+    assert same_weights(os.path.join(run_dir, 'best_model.pth'), evaluated[0])
+    assert load_weights(os.path.join(run_dir, 'checkpoint.pth'))['epoch'] == 1
 
 
 # ---------------------------------------------------------------------------
