@@ -6,6 +6,7 @@ import os
 import signal
 import statistics
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -256,8 +257,12 @@ def test_the_table_of_a_grid_is_the_mean_and_std_of_each_configurations_seeds(tm
     assert cells[2]['best AutoAttack'] == '51.00 ± 1.00'
     assert (cells[0]['failed'], cells[3]['failed']) == ('1 diverged', '1 failed')
     with_csv = list(csv.DictReader(grid.csv_text(columns, rows, ['clean', 'aa']).splitlines()))
-    assert [float(r['best_aa_mean']) for r in with_csv] == \
-        pytest.approx([r['best_aa_mean'] for r in rows])
+    assert list(with_csv[0]) == ['method', 'epsilon', 'seeds'] + [
+        f'{m}_{a}_{s}' for m in ('best', 'final') for a in ('clean', 'aa') for s in ('mean', 'std')
+    ] + ['minutes', 'co', 'checks_warned', 'failed', 'diverged']
+    for line, row in zip(with_csv, rows):
+        assert [float(line[k]) for k in list(line)[2:]] == \
+            pytest.approx([row[k] for k in list(line)[2:]])
 
 
 def test_the_next_step_of_a_combination_follows_what_its_folder_holds(tmp_path):
@@ -519,6 +524,109 @@ def test_a_grid_told_to_stop_starts_no_evaluation_and_exits_128_plus_sigterm(tmp
     assert not (tmp_path / 'evaluated').exists()
     assert grid.read_record(combo.folder(parsed.out_dir))['status'] == 'pending'
     assert grid.next_step(combo, parsed)[0] == 'evaluate', 'the rerun evaluates it'
+
+
+@pytest.mark.parametrize('runner', ['local', 'job'])
+def test_a_script_that_fails_is_recorded_failed_with_its_error_and_not_started_again(
+        tmp_path, monkeypatch, runner):
+    train = tmp_path / 'train.py'
+    train.write_text('import sys\nprint("error: boom")\nsys.exit(3)\n')
+    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
+    argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method', 'fgsm_rs']
+    parsed, (combo,) = grid.parse(argv)
+    folder = combo.folder(parsed.out_dir)
+    if runner == 'local':
+        assert grid.main(argv) == 0 and grid.main(argv) == 0  # the rerun starts nothing
+        assert open(os.path.join(folder, grid.TRAIN_OUT)).read().count('\n$ ') == 1
+        row, = csv.DictReader(open(tmp_path / 'grid' / 'grid.csv'))
+        assert (row['seeds'], row['failed'], row['diverged']) == ('0', '1', '0')
+    else:
+        assert grid.GridJob(parsed, combo)() == 'failed'
+    record = grid.read_record(folder)
+    assert (record['status'], record['stage'], record['exit_code'], record['message']) == \
+        ('failed', 'train', 3, 'error: boom')
+
+
+def test_a_grid_told_to_stop_passes_sigterm_on_to_its_scripts_and_the_run_stays_pending(
+        tmp_path, monkeypatch):
+    stopped = tmp_path / 'stopped'
+    train = tmp_path / 'train.py'
+    train.write_text('import os, signal, sys, time\n'
+                     'def stop(*_):\n'
+                     f'    open({str(stopped)!r}, "w").close()\n'
+                     '    sys.exit(128 + signal.SIGTERM)\n'
+                     'signal.signal(signal.SIGTERM, stop)\n'
+                     'os.kill(os.getppid(), signal.SIGTERM)\n'
+                     'time.sleep(30)\n')
+    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
+    argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method', 'fgsm_rs']
+    parsed, (combo,) = grid.parse(argv)
+    started = time.time()
+    assert grid.main(argv) == 128 + signal.SIGTERM
+    assert stopped.exists() and time.time() - started < 20
+    record = grid.read_record(combo.folder(parsed.out_dir))
+    assert (record['status'], record['exit_code']) == ('pending', 128 + signal.SIGTERM)
+
+
+def test_the_scripts_the_grid_starts_are_sent_sigterm_when_the_grid_dies(monkeypatch):
+    calls = []
+    monkeypatch.setattr(grid.ctypes, 'CDLL', lambda *args, **kwargs: SimpleNamespace(
+        prctl=lambda *args: calls.append(args)))
+    grid.die_with_parent()
+    assert calls == [(1, signal.SIGTERM)]  # PR_SET_PDEATHSIG: they save, then exit
+
+
+def test_a_slurm_job_runs_its_script_under_torchrun_with_gpus_per_run_processes(tmp_path,
+                                                                                 monkeypatch):
+    parsed, (combo,) = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path),
+                                   '--slurm', 'slurm', '--gpus-per-run', '2'])
+    commands = []
+
+    class Started:
+        def __init__(self, combo, stage, argv, slot, folder, lock_file):
+            commands.append(grid.command(argv, slot))
+            self.process = SimpleNamespace(poll=lambda: 0, returncode=0)
+            self.out_path = os.path.join(folder, grid.TRAIN_OUT)
+    monkeypatch.setattr(grid, 'Running', Started)
+    assert grid.GridJob(parsed, combo)() == 'failed'  # it trained nothing
+    assert commands[0][1:5] == ['-m', 'torch.distributed.run', '--standalone',
+                                '--nproc_per_node=2']
+
+
+@pytest.mark.parametrize('delay, waited', [(180, 150), (20, 10)])
+def test_at_its_time_limit_a_job_waits_for_its_script_to_save_up_to_30_s_before_the_kill(
+        tmp_path, monkeypatch, delay, waited):
+    parsed, (combo,) = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path),
+                                   '--slurm', 'slurm', '--signal-delay-s', str(delay)])
+    clock = [1000.0]
+    monkeypatch.setattr(grid, 'time', SimpleNamespace(
+        time=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    monkeypatch.setitem(sys.modules, 'submitit', SimpleNamespace(
+        helpers=SimpleNamespace(DelayedSubmission=lambda job: job)))
+    signals, job = [], grid.GridJob(parsed, combo)
+    job._process = SimpleNamespace(poll=lambda: None, send_signal=signals.append)
+    requeued = job.checkpoint()
+    assert signals == [signal.SIGTERM] and isinstance(requeued, grid.GridJob)
+    assert clock[0] - 1000 == pytest.approx(waited, abs=grid.POLL_S)
+
+
+def test_relative_out_and_data_dirs_are_made_absolute_for_jobs_started_elsewhere(tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parsed, (combo,) = grid.parse(['--dataset', 'cifar10', '--out_dir', 'g', '--data-dir', 'd'])
+    assert (parsed.out_dir, parsed.data_dir) == (str(tmp_path / 'g'), str(tmp_path / 'd'))
+    stage, argv = grid.next_step(combo, parsed)
+    assert argv[argv.index('--data-dir') + 1] == str(tmp_path / 'd')
+    assert argv[argv.index('--out_dir') + 1].startswith(str(tmp_path / 'g'))
+
+
+def test_the_figure_names_the_split_each_configuration_was_evaluated_on():
+    rows = [dict(method=m, _runs=[], _config=dict(dataset=d, epsilon=8.0, pgd_iters=10,
+                                                  val_examples=v))
+            for m, d, v in (('a', 'cifar10', 0), ('b', 'cifar10', 100),
+                            ('c', 'tinyimagenet', 0))]
+    assert [s['split'] for s in grid.plot_series(['method'], rows)] == \
+        ['test', 'validation', 'val']
 
 
 def test_a_combination_folder_holding_several_runs_is_read_from_its_latest_finished_one(tmp_path):
