@@ -6,10 +6,11 @@ import re
 import socket
 
 import pytest
+import torch
 
 import runs
 from conftest import write_results, write_run
-from utils import sha256_file
+from utils import InputError, sha256_file
 
 
 def results_entry(checkpoint, digest, n=100, warned=0, **accuracies):
@@ -239,3 +240,16 @@ def test_the_json_depth_counts_brackets_outside_strings_escaped_quotes_included(
     assert runs.json_depth('{"a": [[1], {"b": []}]}') == 4
     assert runs.json_depth('{"a": "[[[{", "b": "\\\\"}') == 1, 'a quote after \\\\ ends it'
     assert runs.json_depth('{"a": "\\"[[[[", "b": 1}') == 1, 'a quote after \\ does not'
+
+
+@pytest.mark.parametrize('field', ['epoch', 'step'])
+def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, field):
+    checkpoint = dict(format=runs.CHECKPOINT_FORMAT, args={}, student={}, teacher=None,
+                      teacher_updates=0, optimizer={}, scheduler={}, epoch=0, step=0, stats={},
+                      best_pgd=-1.0, history=[], rng={})
+    path = str(tmp_path / 'checkpoint.pth')
+    torch.save(checkpoint, path)
+    assert runs.read_checkpoint(path)['epoch'] == 0
+    torch.save(dict(checkpoint, **{field: -1}), path)
+    with pytest.raises(InputError, match=r'\(epoch, step missing or not what training writes\)'):
+        runs.read_checkpoint(path)
