@@ -24,8 +24,8 @@ import checks
 from flags import default_eval_alpha
 from models import ARCHS
 from progress import progress
-from cli import (HelpFormatter, device_flag, exit_status, network_width, pixel_units,
-                 positive_int, resolve_device, seed_int, start_script)
+from cli import (HelpFormatter, device_flag, exit_status, network_width, number_in_range,
+                 pixel_units, positive_int, resolve_device, seed_int, start_script)
 from data import load_dataset
 from utils import (DATASETS, InputError, NonFiniteLogits, atomic_write_text, check_writable_dir,
                    create_new_text_file, evaluate_batches, load_model_weights,
@@ -36,6 +36,8 @@ ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('c
            'cw20': ('cw', 20), 'aa': 'autoattack'}
 LABELS = {'clean': 'clean', 'pgd10': 'PGD-10', 'pgd20': 'PGD-20', 'pgd50': 'PGD-50',
           'cw20': 'C&W-20', 'aa': 'AutoAttack'}
+# --alpha, in /255: a step of 0 would leave PGD and C&W their random start alone.
+attack_step = number_in_range(float, 0, 255, low_open=True)
 
 
 def attack_list(text):
@@ -62,7 +64,7 @@ def build_parser(dataset):
                         'overwritten) and the AutoAttack logs go here')
     p.add_argument('--data-dir', '--data_dir', dest='data_dir', default=f'{dataset}-data')
     p.add_argument('--epsilon', type=pixel_units, default=8.0, help='L-inf radius, in /255')
-    p.add_argument('--alpha', type=pixel_units, default=None,
+    p.add_argument('--alpha', type=attack_step, default=None,
                    help='PGD and C&W step, in /255 (default: eps/4, 2 at eps 8)')
     p.add_argument('--n_ex', '--n-ex', type=positive_int, default=10000,
                    help='evaluate the first N test images')

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 
 import pyautoattack
@@ -688,12 +689,22 @@ def test_a_checkpoint_whose_weights_are_not_finite_is_refused_in_one_line(tmp_pa
     assert not (tmp_path / 'out' / 'results.json').exists()
 
 
-@pytest.mark.parametrize('flag,value', [('--epsilon', 'nan'), ('--alpha', 'inf')])
-def test_nan_and_inf_attack_settings_are_refused_in_one_argparse_line(capsys, flag, value):
+@pytest.mark.parametrize('flag,value,message', [
+    ('--epsilon', 'nan', "'nan' is not a finite number"),
+    ('--alpha', 'inf', "'inf' is not a finite number"),
+    ('--alpha', '0', '0.0 must be > 0'),  # PGD would be its random start alone
+    ('--epsilon', '-1', '-1.0 must be >= 0'),
+    ('--restarts', '0', '0 must be >= 1'),  # no restart: every attack would be no attack
+    ('--batch_size', '0', '0 must be >= 1'),
+    ('--n_ex', '0', '0 must be >= 1'),
+    ('--checks-examples', '0', '0 must be >= 1'),
+])
+def test_attack_settings_out_of_range_are_refused_in_one_argparse_line(capsys, flag, value,
+                                                                       message):
     code, out, err = evaluate_in_process(capsys, '--model_path', 'model.pth', flag, value)
     errors = [line for line in err.splitlines() if 'error' in line]
     assert code == 2 and len(errors) == 1
-    assert errors[0].endswith(f"error: argument {flag}: '{value}' is not a finite number")
+    assert re.search(f'error: argument {flag}(/[-a-z_]+)?: {re.escape(message)}$', errors[0])
 
 
 @pytest.mark.parametrize('returned, refused', [
