@@ -94,6 +94,23 @@ def test_perturbations_stay_in_the_ball_and_box_and_bn_statistics_are_untouched(
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize('pixel, weight, bias', [(0.0, 0.1, 5.0), (1.0, -0.1, 10.0)])
+def test_every_pgd_step_stays_in_the_pixel_box_where_the_loss_points_out_of_it(pixel, weight,
+                                                                               bias):
+    """Class 0's logit is bias + weight * sum(x): the loss rises towards pixels below 0 (at 0)
+    or above 1 (at 1), and every example stays correct, so each of the steps is taken."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[0] = weight
+        model[1].bias.copy_(torch.tensor([bias, 0.0]))
+    X, y = torch.full((4, 3, 4, 4), pixel), torch.zeros(4, dtype=torch.long)
+    torch.manual_seed(0)
+    delta = attack_pgd(model, X, y, EPS, 2 / 255, 3, 1)
+    assert ((X + delta) >= 0).all() and ((X + delta) <= 1).all()
+    assert (model(X + delta).argmax(1) == 0).all()
+
+
 def own_labels(model, X):
     """Labels = the model's clean predictions, so clean accuracy is 100%."""
     model.eval()
@@ -257,6 +274,8 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path, prefix):
     ([1, 2, 3], None, 'does not hold a state_dict'),
     ('cifar100', None, 'is a 100-class model; test_cifar10.py evaluates 10-class models'),
     ('width8', 16, 'has width 8, not --width 16'),
+    ('width8', 4, 'has width 8, not --width 4'),
+    ('5-class', None, 'is a 5-class model; test_cifar10.py evaluates 10-class models'),
     ('linear', None, 'is not a checkpoint of preactresnet18, resnet18, wrn34-10'),
     ('truncated', None, 'not a loadable PyTorch weights file'),
     ('resumable', None, 'is a resumable training checkpoint'),
@@ -270,8 +289,8 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path, prefix):
 def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
     path = tmp_path / 'model.pth'
     state = PreActResNet18(10, width=8).state_dict()
-    if content == 'cifar100':
-        save(PreActResNet18(100, width=8).state_dict(), path)
+    if content in ('cifar100', '5-class'):
+        save(PreActResNet18(100 if content == 'cifar100' else 5, width=8).state_dict(), path)
     elif content == 'width8':
         save(state, path)
     elif content == 'linear':
@@ -346,6 +365,15 @@ def test_a_checkpoint_no_training_writes_is_refused_naming_the_tensor(tmp_path, 
     path = save(spoiled(PreActResNet18(10, width=8).state_dict(), how), tmp_path / 'model.pth')
     with pytest.raises(InputError, match=f'^{path}: .*{message}'):
         load_model_weights(path, 'cifar10', None, None, 'test_cifar10.py')
+
+
+def test_a_batchnorm_variance_of_exactly_0_loads(tmp_path):
+    """A channel whose activations were constant: a variance training writes."""
+    state = PreActResNet18(10, width=8).state_dict()
+    state['layer2.0.bn1.running_var'][3] = 0.0
+    model = load_model_weights(save(state, tmp_path / 'model.pth'), 'cifar10')
+    assert torch.equal(model.state_dict()['layer2.0.bn1.running_var'],
+                       state['layer2.0.bn1.running_var'])
 
 
 def test_half_bfloat16_and_double_precision_weights_load_as_float(tmp_path):

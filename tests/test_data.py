@@ -337,6 +337,8 @@ def test_labels_that_are_not_integers_are_refused_with_the_file_named(tmp_path, 
     ([3] * 9 + [2 ** 20000], 'of 20001 bits'),
     (np.array([3] * 9 + [2 ** 64 - 1], np.uint64), str(2 ** 64 - 1)),
     ([np.int64(3)] * 9 + [np.int64(-5)], '-5'),
+    (np.array([3] * 9 + [-1]), '-1'),
+    (np.array([3] * 9 + [10], np.int16), '10'),
 ])
 def test_labels_out_of_range_however_large_are_one_line_naming_the_file(tmp_path, labels, shown):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
