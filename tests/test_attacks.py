@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checks
 import evaluate
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
@@ -492,6 +493,24 @@ def model_and_data(tmp_path):
     return save(PreActResNet18(10, width=8).state_dict(), tmp_path / 'model.pth')
 
 
+def test_the_checks_take_the_evaluations_radius_seed_batch_size_and_examples(tmp_path, capsys,
+                                                                          monkeypatch):
+    checkpoint = model_and_data(tmp_path)
+    seen = []
+
+    def recording(model, x, y, epsilon, seed, batch_size, settings, messages):
+        seen.append((len(y), epsilon, seed, batch_size, settings.examples, messages))
+        return []
+    monkeypatch.setattr(checks, 'run_checks', recording)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', 6, '--attacks', 'clean', '--seed', 5,
+                                         '--batch_size', 3, '--epsilon', 6,
+                                         '--checks-examples', 4)
+    assert code == 0, err
+    assert seen == [(6, 6 / 255, 5, 3, 4, None)]
+
+
 def test_the_test_scripts_defaults_are_the_papers_protocol():
     args = evaluate.parse_args('cifar10', ['--model_path', 'm.pth'])
     assert (args.n_ex, args.attacks, args.restarts, args.seed, args.epsilon, args.alpha,
@@ -819,6 +838,15 @@ def test_an_accuracy_is_never_counted_from_nan_logits():
         attack_pgd(nan_under_attack, X, y, EPS, EPS / 4, 10, 1)
     with pytest.raises(NonFiniteLogits, match='attacked examples get NaN or inf logits'):
         evaluate_batches(nan_under_attack, [(X, y)], lambda m, X, y: torch.full_like(X, EPS))
+
+
+def test_the_clean_logits_check_counts_the_images_with_any_nan_or_inf_logit():
+    model, X, y = linear_problem(n=8)
+    evaluate.check_clean_logits({'d': model}, ['m.pth'], ['d'], X, torch.device('cpu'))
+    with pytest.raises(InputError, match='^m.pth: the model gives NaN or inf logits on 3 of '
+                                         'the first 8 test images'):
+        evaluate.check_clean_logits({'d': InfInOneClass(model, 3)}, ['m.pth'], ['d'], X,
+                                    torch.device('cpu'))
 
 
 def overflowing_checkpoint(tmp_path):

@@ -236,6 +236,13 @@ def test_pgd_forwards_only_the_examples_it_has_not_broken_yet():
     assert forward_rows(model, X, y, 'clean') == [8]
 
 
+def test_each_attack_forwards_batches_of_batch_size():
+    model, X, y = split_problem(n=8, robust=8)  # none broken: every pass sees whole batches
+    assert forward_rows(model, X, y, 'clean', '--batch_size', 3) == [3, 3, 2]
+    rows = forward_rows(model, X, y, 'pgd10', '--batch_size', 3)
+    assert rows == ([3] * 11 + [3]) * 2 + [2] * 11 + [2]
+
+
 def test_pgd_stops_at_once_when_every_example_is_broken():
     model, X, y = split_problem(n=8, robust=0)
     for name in ITERATIONS:
