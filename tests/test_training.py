@@ -6,10 +6,14 @@ import os
 import shutil
 import signal
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
+import ddp
 import flags
 import mixkl
 import runs
@@ -358,6 +362,65 @@ def tiny_args(tmp, *flags, data='data'):
     return training.parse_args('cifar10', [
         '--data-dir', str(tmp / data), '--out_dir', str(tmp / 'output'), '--epochs', '2',
         '--batch-size', '16', '--width', '8', '--alarm-examples', '8', *flags])
+
+
+def test_the_cuda_random_state_is_saved_and_restored_with_the_others(monkeypatch):
+    cuda_state, restored = [torch.tensor([1, 2], dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: cuda_state)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', restored.append)
+    state = training.rng_state()
+    assert state['cuda'] is cuda_state
+    training.set_rng_state(state)
+    assert restored == [cuda_state]
+
+
+def test_numpys_cached_gaussian_is_part_of_the_random_state():
+    """np.random.beta (mixup) draws Gaussians for alpha > 1: the cached one resumes too."""
+    np.random.seed(0)
+    np.random.standard_normal()  # leaves the second of a pair cached
+    state = training.rng_state()
+    following = np.random.standard_normal()
+    training.set_rng_state(state)
+    assert np.random.standard_normal() == following
+
+
+def test_amp_and_channels_last_default_to_what_the_runs_device_takes(tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    seen = []
+    monkeypatch.setattr(training, 'cuda_default', lambda device: seen.append(device) or True)
+    trainer = training.Trainer(*tiny_args(tmp_path))
+    assert seen == [torch.device('cpu')] * 2
+    assert (trainer.args.amp, trainer.args.channels_last, trainer.hp.amp) == (True, True, True)
+
+
+def test_a_torchrun_run_whose_last_batch_leaves_a_process_no_image_is_refused(tmp_path,
+                                                                              monkeypatch):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=40, n_test=8, seed=2)
+    monkeypatch.setattr(ddp.Distributed, 'barrier', lambda self: None)
+    args, parser = tiny_args(tmp_path, '--train-examples', '33')  # batches of 16, 16 and 1
+    with pytest.raises(InputError, match=r'^a batch of 1 training image\(s\) cannot be shared '
+                                         'by 2 processes'):
+        training.Trainer(args, parser, ddp.Distributed(0, 2, 0, torch.device('cpu')))
+
+
+def test_sync_bn_turns_the_torchrun_students_batchnorms_into_syncbatchnorms(tmp_path,
+                                                                           monkeypatch):
+    """Built as under torchrun (the collectives and DDP stood in for): the student the step
+    trains and the optimizer steps has SyncBatchNorm layers; the teacher keeps BatchNorm."""
+    monkeypatch.setattr(ddp.Distributed, 'broadcast_', lambda self, tensors: None)
+    monkeypatch.setattr(training, 'wrap_ddp', lambda model, device: model)
+    args, _ = tiny_args(tmp_path, '--sync-bn')
+    args.amp = args.channels_last = False
+    trainer = SimpleNamespace(args=args, dist=ddp.Distributed(0, 2, 0, torch.device('cpu')),
+                              device=torch.device('cpu'), hp=training.hyperparameters(args),
+                              train_loader=[None] * 2, _cycle_momentum=lambda: None)
+    training.Trainer._build_models(trainer)
+    kinds = lambda model: {type(m) for m in model.modules()} & {nn.BatchNorm2d, nn.SyncBatchNorm}
+    assert kinds(trainer.student) == kinds(trainer.trained) == {nn.SyncBatchNorm}
+    assert kinds(trainer.teacher.model) == {nn.BatchNorm2d}
+    stepped = {id(p) for group in trainer.optimizer.param_groups for p in group['params']}
+    assert stepped == {id(p) for p in trainer.student.parameters()}
 
 
 @pytest.fixture
