@@ -68,6 +68,16 @@ def test_an_atomic_write_replaces_the_whole_file_and_leaves_no_temporary(tmp_pat
     assert open(path).read() == 'b' and sorted(os.listdir(tmp_path)) == ['a.npy', 'metrics.csv']
 
 
+def test_an_atomic_write_reaches_the_disk_before_it_takes_the_files_name(tmp_path, monkeypatch):
+    """fsync, then rename: after a power cut the name holds the old file or the whole new one."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, 'fsync', lambda fd: calls.append('fsync') or fsync(fd))
+    monkeypatch.setattr(files.os, 'replace', lambda *a: calls.append('replace') or replace(*a))
+    files.atomic_write_text(str(tmp_path / 'results.json'), '{}')
+    assert calls == ['fsync', 'replace']
+
+
 def test_an_append_adds_to_the_end_and_keeps_what_was_there(tmp_path):
     path = str(tmp_path / 'train.log')
     files.append_text(path, 'one\n')
