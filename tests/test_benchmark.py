@@ -8,6 +8,7 @@ import copy
 import re
 import resource
 import statistics
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -241,3 +242,43 @@ def test_bf16_check_offers_only_the_datasets_it_can_run(capsys):
     with pytest.raises(SystemExit):
         bf16_check.parse_args(['--help'])
     assert '{cifar10,cifar100}' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('amp', [True, False])
+def test_each_check_run_is_the_training_script_with_the_checks_settings(tmp_path, monkeypatch,
+                                                                        amp):
+    made = []
+
+    class Recorded:
+        def __init__(self, args, parser):
+            made.append(args)
+
+        def fit(self):
+            return 0
+    monkeypatch.setattr(training, 'Trainer', Recorded)
+    args = bf16_check.parse_args(['--dataset', 'cifar100', '--epochs', '2', '--batch-size', '8',
+                                  '--eval-batch-size', '4', '--width', '8', '--lr-max', '0.03'])
+    bf16_check.check_run(args, torch.device('cpu'), str(tmp_path), 7, amp)
+    a, = made
+    assert (a.dataset, a.epochs, a.batch_size, a.eval_batch_size, a.width, a.lr_max, a.seed,
+            a.amp, a.data_dir, a.device) == ('cifar100', 2, 8, 4, 8, 0.03, 7, amp,
+                                             str(tmp_path), 'cpu')
+
+
+def test_the_check_reports_each_runs_student_and_its_teacher_after_the_last_epoch(
+        tmp_path, monkeypatch, capsys):
+    def run(args, device, root, seed, amp):
+        last = dict(test_clean_acc=0.5 + seed / 100 + 0.1 * amp, test_pgd_acc=0.25)
+        return SimpleNamespace(student=None, eval_loader=SimpleNamespace(batches=lambda: []),
+                               history=[dict(test_clean_acc=0.1, test_pgd_acc=0.05), last])
+    monkeypatch.setattr(bf16_check, 'check_run', run)
+    monkeypatch.setattr(bf16_check, 'evaluate_robustness', lambda *args: (0.75, 0.375))
+    bf16_check.run_check(bf16_check.parse_args(['--seeds', '2', '--seed', '3', '--train-images',
+                                                '16', '--eval-images', '8']),
+                         torch.device('cpu'), str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split('  (')[0] for line in lines if line.startswith('seed 3')] == [
+        'seed 3 amp on : student clean 0.7500, PGD-10 0.3750; teacher clean 0.6300, PGD-10 0.2500',
+        'seed 3 amp off: student clean 0.7500, PGD-10 0.3750; teacher clean 0.5300, PGD-10 0.2500']
+    assert 'mean amp off: student clean 0.7500 (sd 0.0000), PGD-10 0.3750 (sd 0.0000); ' \
+           'teacher clean 0.5350 (sd 0.0071), PGD-10 0.2500 (sd 0.0000)' in lines
