@@ -88,6 +88,7 @@ def test_benchmark_times_the_steps_and_settings_it_is_given(capsys, monkeypatch,
                 hp.num_classes) == (4, 8, 'resnet18', method, 5, 'cifar100', 100)
     assert '2 timed steps per path after 1 warm-up, batch 4, resnet18 width 8' in out
     assert 'PGD-10 eval:' in out and '(6 images at full cost' in out
+    assert figure(r'PGD accuracy ([\d.]+)', out) == 1.0, 'no image broken: every step taken'
     # On CPU: this process's peak RSS (ru_maxrss, KiB on Linux) in MiB; torch alone takes
     # more than 100 MiB.
     peak = figure(r'^peak memory: +(\d+) MiB peak RSS', out)
@@ -282,3 +283,63 @@ def test_the_check_reports_each_runs_student_and_its_teacher_after_the_last_epoc
         'seed 3 amp off: student clean 0.7500, PGD-10 0.3750; teacher clean 0.5300, PGD-10 0.2500']
     assert 'mean amp off: student clean 0.7500 (sd 0.0000), PGD-10 0.3750 (sd 0.0000); ' \
            'teacher clean 0.5350 (sd 0.0071), PGD-10 0.2500 (sd 0.0000)' in lines
+
+
+def stubbed_benchmark(monkeypatch, made):
+    """run_benchmark with its data, models, steps and timings stood in for; ``made`` records
+    the synthetic data it writes, the models it builds and the settings it runs."""
+    monkeypatch.setattr(benchmark, 'write_synthetic_cifar',
+                        lambda root, dataset, **kwargs: made.append(('data', dataset, kwargs)))
+    monkeypatch.setattr(benchmark, 'build_models', lambda targs, device, channels_last:
+                        made.append(('models', targs.amp, channels_last)))
+    monkeypatch.setattr(benchmark, 'project_steps', lambda *args: 'project')
+    monkeypatch.setattr(benchmark, 'reference_steps', lambda *args: 'reference')
+    monkeypatch.setattr(benchmark, 'time_interleaved', lambda paths, warmup, n, device: (
+        {name: 100.0 for name in paths}, {name: 1.0 for name in paths}))
+    monkeypatch.setattr(benchmark, 'pgd_eval_rate', lambda *args: (1000.0, 1.0))
+    monkeypatch.setattr(benchmark, 'peak_memory_mib', lambda device: 2.0)
+
+
+def test_the_benchmark_writes_its_warmup_and_timed_steps_images_and_builds_as_cuda_trains(
+        tmp_path, monkeypatch, capsys):
+    made = []
+    stubbed_benchmark(monkeypatch, made)
+    args = benchmark.parse_args(['--warmup', '3', '--steps', '2', '--batch-size', '4',
+                                 '--eval-images', '6', '--seed', '7', '--amp'])
+    benchmark.run_benchmark(args, torch.device('cuda'), str(tmp_path))
+    assert made == [('data', 'cifar10', dict(n_train=20, n_test=6, seed=7)),
+                    ('models', True, True), ('models', False, False)]
+
+
+@pytest.mark.parametrize('flags, amp', [([], True), (['--no-amp'], False)])
+def test_the_benchmarks_project_path_is_bf16_on_cuda_unless_told_otherwise(
+        monkeypatch, capsys, flags, amp):
+    made = []
+    stubbed_benchmark(monkeypatch, made)
+    monkeypatch.setattr(benchmark, 'resolve_device', lambda name: torch.device('cuda'))
+    monkeypatch.setattr(benchmark, 'print_header', lambda *args: None)
+    benchmark.main(['--steps', '1', *flags])
+    assert made[1] == ('models', amp, True)
+
+
+def test_each_path_is_timed_and_its_peak_memory_taken_over_its_own_steps(monkeypatch):
+    clock, memory, closed = [0.0], [0], []
+    monkeypatch.setattr(benchmark, 'synchronize', lambda device: None)
+    monkeypatch.setattr(benchmark, 'reset_peak_memory', lambda device: memory.__setitem__(0, 0))
+    monkeypatch.setattr(benchmark, 'peak_memory_mib', lambda device: memory[0])
+    monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock[0])
+
+    def steps(name, seconds, peaks):  # peaks: of the warm-up step, then of each timed one
+        try:
+            for peak in peaks:
+                clock[0] += seconds
+                memory[0] = max(memory[0], peak)
+                yield 4
+        finally:
+            closed.append(name)
+    paths = {'project': steps('project', 1.0, [500, 50, 100, 60]),
+             'reference': steps('reference', 2.0, [10, 300, 200, 250])}
+    rates, peaks = benchmark.time_interleaved(paths, 1, 3, SimpleNamespace(type='cuda'))
+    assert rates == {'project': 4.0, 'reference': 2.0}
+    assert peaks == {'project': 100, 'reference': 300}
+    assert closed == ['project', 'reference']

@@ -235,6 +235,7 @@ JUDGEMENTS = [
     (checks.judge_accuracy_falls_with_epsilon, falls(0.0, 0.0, 0.0), 'pass'),  # nothing left
     (checks.judge_accuracy_falls_with_epsilon, falls(0.8, 0.8, 0.8), 'pass'),  # nothing found
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.4, 0.45), 'warn'),  # rises
+    (checks.judge_accuracy_falls_with_epsilon, falls(0.4, 0.5, 0.3), 'warn'),  # rises first
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.4, 0.41), 'pass'),  # within noise
     (checks.judge_accuracy_falls_with_epsilon, falls(0.5, 0.5, 0.5), 'warn'),  # flat, bitten
     # Flat from eps/2 to eps, then falling at 2 eps: it falls, over the whole range.

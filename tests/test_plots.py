@@ -199,6 +199,12 @@ def test_grid_gives_a_configuration_one_colour_in_every_panel():
     assert to_rgb(both.get_lines()[0].get_color()) != to_rgb(both.get_lines()[1].get_color())
 
 
+def test_the_eleventh_configuration_takes_the_first_colour_with_another_dash():
+    styles = plots.configuration_styles([one_series([[0.1]], label=f'c{i}') for i in range(12)])
+    assert styles['c10'] == {'color': 'C0', 'linestyle': '--'}
+    assert len({tuple(style.values()) for style in styles.values()}) == 12
+
+
 def test_grid_skips_configurations_without_runs():
     fig = plots.grid_figure([one_series([]), one_series([[]], label='method=n_fgsm'),
                              one_series([[], [0.3]], label='method=pgd_at')])
