@@ -260,6 +260,13 @@ def test_wrong_array_shape_is_reported(tmp_path):
         load_cifar('cifar10', str(tmp_path), train=True)
 
 
+def test_a_one_dimensional_data_array_is_reported_in_one_line(tmp_path):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    path = rewrite_batch(tmp_path, {'data': np.zeros(30720, np.uint8)})
+    assert load_error(tmp_path) == (f'{path}: "data" must be a uint8 array of shape (N, 3072), '
+                                    'found uint8 array of shape (30720,)')
+
+
 def test_truncated_file_is_reported(tmp_path):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
     path = os.path.join(tmp_path, 'cifar-10-batches-py', 'test_batch')

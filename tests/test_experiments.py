@@ -278,6 +278,7 @@ def test_alarm_is_silent_on_healthy_training():
     (0.19, 0.50, True),   # PGD just below half its best (0.40), FGSM at half its best (0.50)
     (0.21, 0.90, False),  # PGD just above half its best
     (0.19, 0.49, False),  # FGSM just below half its best too: weaker, not masked
+    (0.20, 0.50, False),  # PGD at exactly half its best: not below it
 ])
 def test_the_alarm_fires_at_half_the_best_pgd_accuracy(pgd_now, fgsm_now, fires):
     rows = history(fgsm=[0.60, 1.00, fgsm_now], pgd=[0.30, 0.40, pgd_now])
@@ -351,6 +352,14 @@ def test_where_a_run_trained_and_found_its_data_is_not_a_changed_flag(tmp_path):
     config = runs.read_config(str(run))
     assert (config['device'], config['resume']) == ('cpu', '/r')
     assert summarize_module.changed_flags(config) == ['--epochs 3']
+
+
+def test_steps_and_widths_that_follow_epsilon_and_the_architecture_are_not_changed_flags(
+        tmp_path):
+    run = write_run(tmp_path, 'run', ['--epsilon', '16'], [(60, 0, 0.5, 0.25)], arch='wrn34-10')
+    config = runs.read_config(str(run))
+    assert (config['width'], config['pgd_alpha']) == (10, 4)
+    assert summarize_module.changed_flags(config) == ['--epsilon 16']
 
 
 def test_a_run_named_with_a_trailing_slash_is_its_folders_name(tmp_path, capsys):

@@ -55,6 +55,11 @@ EDGES = [
     ('--epochs', ['1'], ['0', '-1', '1.5']),
     ('--batch-size', ['1'], ['0']),
     ('--pgd-iters', ['1'], ['0']),
+    ('--train-examples', ['1'], ['0', '-1']),
+    ('--eval-examples', ['1'], ['0', '-1']),
+    ('--eval-batch-size', ['1'], ['0']),
+    ('--alarm-examples', ['1'], ['0']),
+    ('--momentum-min', ['0', '1'], ['-0.1', '1.01']),
     ('--attack-iters', ['1'], ['0']),
     ('--val-examples', ['0', '7'], ['-1']),
     ('--width', ['1', '1024'], ['0', '1025']),
@@ -131,6 +136,15 @@ def test_a_resume_keeps_the_runs_flags_and_takes_only_where_and_how_it_runs():
                                          'MIX_KL_CIFAR10.py'):
         flags.resumed_args(flags.parse_args('cifar100', ['--resume', 'run'])[0], {'resume'},
                            vars(flags.parse_args('cifar10', [])[0]), 'run')
+
+
+def test_a_resume_may_change_the_memory_layout_but_no_setting_of_the_training():
+    assert resumed(['--channels-last'], ['--no-channels-last']).channels_last is False
+    for argv in (['--epochs', '5'], ['--batch-size', '64'], ['--no-augment'],
+                 ['--arch', 'resnet18'], ['--width', '32'], ['--val-examples', '3'],
+                 ['--attack-iters', '3'], ['--eval-batch-size', '64']):
+        with pytest.raises(InputError, match='the run was trained with'):
+            resumed([], argv)
 
 
 def test_a_config_json_value_the_parser_could_not_have_made_is_named():

@@ -423,6 +423,32 @@ def test_sync_bn_turns_the_torchrun_students_batchnorms_into_syncbatchnorms(tmp_
     assert stepped == {id(p) for p in trainer.student.parameters()}
 
 
+def test_a_new_run_holds_its_directorys_lock_from_the_start(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path))
+    assert runs.in_use(trainer.run_dir)
+    with pytest.raises(InputError, match='is in use'):
+        runs.lock_run_dir(trainer.run_dir)
+    trainer.release()
+    assert not runs.in_use(trainer.run_dir)
+
+
+def test_a_stop_requested_before_the_evaluation_skips_it():
+    stop = training.StopSignal()
+    stop.signum = signal.SIGTERM
+    with pytest.raises(training.Interrupted):
+        with stop.interrupting():
+            pytest.fail('evaluated after the signal')
+
+
+def test_the_temporaries_of_every_file_of_a_run_a_kill_left_are_removed(tmp_path):
+    for name in ('checkpoint.pth', 'best_model.pth', 'final_model.pth', 'metrics.csv',
+                 'config.json', 'curves.png', 'results.json'):
+        (tmp_path / f'.{name}.abcdefgh').write_text('half written')
+    runs.remove_leftover_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ['.results.json.abcdefgh'], 'not a file training writes'
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     """A finished 2-epoch run trained with --lr-max 0.05: its run directory."""
