@@ -661,8 +661,9 @@ def run_on_cluster(grid, combos, report):
                     state = job.result()
                 except Exception as e:  # the job itself failed (submitit raises its error)
                     state = 'failed'
+                    lines = str(e).strip().splitlines() or [type(e).__name__]
                     write_record(combo.folder(grid.out_dir), combo, status='failed',
-                                 message=str(e).strip().splitlines()[-1][:300])
+                                 message=lines[-1][:300])
                 record = read_record(combo.folder(grid.out_dir))
                 report.finished(combo, state, record.get('message', ''))
         time.sleep(POLL_S * 4)

@@ -3,6 +3,7 @@ each combination and the table, on grid directories written by hand (every numbe
 import csv
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -530,14 +531,16 @@ def test_a_grid_told_to_stop_starts_no_evaluation_and_exits_128_plus_sigterm(tmp
 def test_a_script_that_fails_is_recorded_failed_with_its_error_and_not_started_again(
         tmp_path, monkeypatch, runner):
     train = tmp_path / 'train.py'
-    train.write_text('import sys\nprint("error: boom")\nsys.exit(3)\n')
+    train.write_text('import sys\nprint("epoch 1")\nprint("error: boom", file=sys.stderr)\n'
+                     'sys.exit(3)\n')
     monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
     argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method', 'fgsm_rs']
     parsed, (combo,) = grid.parse(argv)
     folder = combo.folder(parsed.out_dir)
     if runner == 'local':
         assert grid.main(argv) == 0 and grid.main(argv) == 0  # the rerun starts nothing
-        assert open(os.path.join(folder, grid.TRAIN_OUT)).read().count('\n$ ') == 1
+        log = open(os.path.join(folder, grid.TRAIN_OUT)).read()
+        assert log.count('\n$ ') == 1 and 'epoch 1\nerror: boom\n' in log
         row, = csv.DictReader(open(tmp_path / 'grid' / 'grid.csv'))
         assert (row['seeds'], row['failed'], row['diverged']) == ('0', '1', '0')
     else:
@@ -580,17 +583,23 @@ def test_a_slurm_job_runs_its_script_under_torchrun_with_gpus_per_run_processes(
                                                                                  monkeypatch):
     parsed, (combo,) = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path),
                                    '--slurm', 'slurm', '--gpus-per-run', '2'])
-    commands = []
+    commands, records = [], []
+    os.makedirs(combo.folder(str(tmp_path)))
+    grid.write_record(combo.folder(str(tmp_path)), combo, status='submitted', job_id='12')
 
     class Started:
         def __init__(self, combo, stage, argv, slot, folder, lock_file):
             commands.append(grid.command(argv, slot))
+            records.append(grid.read_record(folder))
             self.process = SimpleNamespace(poll=lambda: 0, returncode=0)
             self.out_path = os.path.join(folder, grid.TRAIN_OUT)
     monkeypatch.setattr(grid, 'Running', Started)
     assert grid.GridJob(parsed, combo)() == 'failed'  # it trained nothing
     assert commands[0][1:5] == ['-m', 'torch.distributed.run', '--standalone',
                                 '--nproc_per_node=2']
+    # Running, and still under its job id: a second grid waits for the job.
+    assert (records[0]['status'], records[0]['job_id'], records[0]['stage']) == \
+        ('running', '12', 'train')
 
 
 @pytest.mark.parametrize('delay, waited', [(180, 150), (20, 10)])
@@ -627,6 +636,124 @@ def test_the_figure_names_the_split_each_configuration_was_evaluated_on():
                             ('c', 'tinyimagenet', 0))]
     assert [s['split'] for s in grid.plot_series(['method'], rows)] == \
         ['test', 'validation', 'val']
+
+
+@pytest.mark.parametrize('extra, seen', [(['--gpus', '3'], '3 1'),
+                                         (['--threads-per-run', '5'], 'None 5')])
+def test_each_script_runs_with_its_slots_gpus_and_threads(tmp_path, monkeypatch, extra, seen):
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    monkeypatch.setattr(grid, 'local_slots', lambda parsed: [  # --gpus without the GPUs
+        grid.Slot([3], 1) if parsed.gpus else grid.Slot(threads=parsed.threads_per_run)])
+    train = tmp_path / 'train.py'
+    train.write_text(f'import os, sys\nopen({str(tmp_path / "env")!r}, "w").write('
+                     'f"{os.environ.get(\'CUDA_VISIBLE_DEVICES\')} '
+                     '{os.environ.get(\'OMP_NUM_THREADS\')}")\nsys.exit(3)\n')
+    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
+    grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method',
+               'fgsm_rs', *extra])
+    assert (tmp_path / 'env').read_text() == seen
+
+
+def test_a_stand_in_script_keeps_its_runs_lock_after_the_grid_lets_go_of_it(tmp_path):
+    folder = str(tmp_path / 'run')
+    held = grid.lock(folder)
+    sleeper = tmp_path / 'sleeper.py'
+    sleeper.write_text('import time\ntime.sleep(30)\n')
+    parsed, (combo,) = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path)])
+    running = grid.Running(combo, 'train', [str(sleeper)], grid.Slot(), folder, held)
+    held.close()  # as a killed grid would
+    try:
+        assert grid.lock(folder) is None, 'the script still holds the run'
+    finally:
+        running.process.kill()
+        running.process.wait()
+    assert grid.lock(folder) is not None
+
+
+def test_a_grid_stopped_by_ctrl_c_stops_its_scripts_and_puts_its_handler_back(tmp_path,
+                                                                               monkeypatch):
+    stopped = tmp_path / 'stopped'
+    train = tmp_path / 'train.py'
+    train.write_text('import os, signal, sys, time\n'
+                     'def stop(*_):\n'
+                     f'    open({str(stopped)!r}, "w").close()\n'
+                     '    sys.exit(128 + signal.SIGTERM)\n'
+                     'signal.signal(signal.SIGTERM, stop)\n'
+                     'os.kill(os.getppid(), signal.SIGINT)\n'
+                     'time.sleep(30)\n')
+    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
+    handler = signal.getsignal(signal.SIGINT)
+    assert grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method',
+                      'fgsm_rs']) == 128 + signal.SIGTERM
+    assert stopped.exists() and signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_flag_without_a_value_reaches_every_combination():
+    parsed, combos = grid.parse(['--dataset', 'cifar10', '--out_dir', '/g', '--method', 'fgsm_rs',
+                                 '--no-augment', '--seed', '0', '1'])
+    assert len(combos) == 2
+    for combo in combos:
+        assert combo.config['augment'] is False and None not in combo.argv
+        assert '--no-augment' in grid.next_step(combo, parsed)[1]
+    with pytest.raises(grid.InputError, match='^stray: a value before any flag$'):
+        grid.split_flags(['stray', '--seed', '0'])
+
+
+def test_the_grids_defaults_are_the_papers_attacks_and_a_days_job(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'submitit', SimpleNamespace(
+        SlurmExecutor=RecordingExecutor, LocalExecutor=RecordingExecutor))
+    parsed, _ = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--slurm',
+                            'slurm'])
+    assert parsed.attacks == ['clean', 'pgd20', 'aa']
+    assert grid.submitit_executor(parsed).parameters == dict(
+        time=1440, gpus_per_node=1, ntasks_per_node=1, cpus_per_task=8, signal_delay_s=180,
+        job_name='mixkl-grid')
+    parsed, _ = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path),
+                            '--gpus-per-run', '2'])
+    slot, = grid.local_slots(parsed)
+    assert grid.command(['a.py'], slot)[4] == '--nproc_per_node=2'
+
+
+def test_a_slurm_grid_submits_the_runs_not_done_not_ended_and_not_queued(tmp_path, monkeypatch):
+    plan = every_run_done()
+    plan['mixkl', 8.0, 0] = None  # failed before training: ended for good
+    plan['mixkl', 8.0, 1] = ('diverged', 0.1, 0.1, 0, False, 1.0)
+    combos = hand_made_grid(tmp_path, plan)
+    # combos: mixkl at eps 8 (seeds 0, 1, 2), at 16, then fgsm_rs. Of fgsm_rs at 8 and the
+    # first at 16: a job still queued, a job that is over, and two never sent.
+    queued, requeued, new, crashed = combos[6:10]
+    for combo, record in ((queued, dict(status='submitted', job_id='41')),
+                          (requeued, dict(status='running', job_id='42')),
+                          (new, dict(status='pending')), (crashed, dict(status='pending'))):
+        shutil.rmtree(os.path.join(combo.folder(str(tmp_path)), 'run'))
+        grid.write_record(combo.folder(str(tmp_path)), combo, **record)
+    parsed = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--slurm', 'slurm',
+                         '--attacks', 'clean,aa'])[0]
+    looks = {'41': iter([False, True]), '42': iter([True])}
+    monkeypatch.setitem(sys.modules, 'submitit', SimpleNamespace(SlurmJob=lambda folder, job_id:
+        SimpleNamespace(job_id=job_id, done=lambda: next(looks[job_id]), result=lambda: 'done')))
+    submitted = []
+
+    def result(name):
+        if name == crashed.name:
+            raise RuntimeError('Traceback ...\nFailedJobError: boom')
+        return 'done'
+    monkeypatch.setattr(grid, 'submitit_executor', lambda parsed: SimpleNamespace(
+        submit=lambda job: submitted.append(job.combo.name) or SimpleNamespace(
+            job_id=str(100 + len(submitted)), done=lambda: True,
+            result=lambda name=job.combo.name: result(name))))
+    monkeypatch.setattr(grid, 'POLL_S', 0)
+    monkeypatch.setenv('PYTHONPATH', '')
+    assert grid.run_on_cluster(parsed, combos, grid.Report(combos))
+    assert submitted == [requeued.name, new.name, crashed.name]
+    assert next(looks['41'], 'looked until it was over') == 'looked until it was over'
+    records = {c.name: grid.read_record(c.folder(str(tmp_path))) for c in combos}
+    assert [(records[c.name]['status'], records[c.name].get('job_id'))
+            for c in (requeued, new)] == [('submitted', '101'), ('submitted', '102')]
+    assert (records[crashed.name]['status'], records[crashed.name]['message']) == \
+        ('failed', 'FailedJobError: boom')
+    assert [records[c.name]['status'] for c in combos[:2]] == ['failed', 'diverged']
+    assert {records[c.name]['status'] for c in combos[2:6] + combos[10:]} == {'done'}
 
 
 def test_a_combination_folder_holding_several_runs_is_read_from_its_latest_finished_one(tmp_path):
