@@ -516,6 +516,8 @@ def test_the_test_scripts_defaults_are_the_papers_protocol():
     assert (args.n_ex, args.attacks, args.restarts, args.seed, args.epsilon, args.alpha,
             args.checks, args.checks_examples) == (
         10000, ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa'], 1, 0, 8.0, 2.0, True, 500)
+    for dataset in ('cifar10', 'cifar100', 'tinyimagenet'):  # where training looks too
+        assert evaluate.parse_args(dataset, ['--model_path', 'm']).data_dir == f'{dataset}-data'
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -843,6 +845,11 @@ def test_an_accuracy_is_never_counted_from_nan_logits():
 def test_the_clean_logits_check_counts_the_images_with_any_nan_or_inf_logit():
     model, X, y = linear_problem(n=8)
     evaluate.check_clean_logits({'d': model}, ['m.pth'], ['d'], X, torch.device('cpu'))
+    network = PreActResNet18(10, width=8).train()  # as load_model_weights returns it
+    before = [b.clone() for b in network.buffers()]
+    evaluate.check_clean_logits({'d': network}, ['m.pth'], ['d'], torch.rand(4, 3, 32, 32),
+                                torch.device('cpu'))
+    assert all(torch.equal(a, b) for a, b in zip(before, network.buffers())), 'in eval mode'
     with pytest.raises(InputError, match='^m.pth: the model gives NaN or inf logits on 3 of '
                                          'the first 8 test images'):
         evaluate.check_clean_logits({'d': InfInOneClass(model, 3)}, ['m.pth'], ['d'], X,

@@ -1,5 +1,6 @@
 """CIFAR files in, device batches out: layout checks, safe unpickling, augmentation."""
 import hashlib
+import io
 import os
 import pickle
 import socket
@@ -434,6 +435,37 @@ def test_arrays_pickled_by_python_2_with_their_data_as_text_load(tmp_path):
     rewrite_batch(tmp_path, {'data': data})
     x, _ = load_cifar('cifar10', str(tmp_path), train=True, quiet=True)
     assert torch.equal(x[10:20].reshape(10, 3072), torch.from_numpy(images))
+
+
+class Python2Pickler(pickle._Pickler):
+    """Pickles text and bytes as Python 2's str (BINSTRING), as the official files hold them."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj):
+        data = obj if isinstance(obj, bytes) else obj.encode('latin1')
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, 'little') + data)
+        self.memoize(obj)
+    dispatch[bytes] = dispatch[str] = save_python2_str
+
+
+def test_a_batch_written_by_python_2_and_an_older_numpy_loads_as_its_pixels(tmp_path):
+    """The official release: str keys and text, numpy.core, the array's bytes as latin-1."""
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    images = (np.arange(10 * 3072) % 256).astype(np.uint8).reshape(10, 3072)
+    out = io.BytesIO()
+    Python2Pickler(out, protocol=2).dump({'batch_label': 'testing batch 1 of 1', 'data': images,
+                                          'labels': list(range(10)),
+                                          'filenames': [f'{i}.png' for i in range(10)]})
+    raw = out.getvalue()
+    assert raw.count(b'cnumpy._core.multiarray\n') == 1
+    with open(os.path.join(tmp_path, 'cifar-10-batches-py', 'test_batch'), 'wb') as f:
+        f.write(raw.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
+    x, y = load_cifar('cifar10', str(tmp_path), train=False, quiet=True)
+    assert torch.equal(x.reshape(10, 3072), torch.from_numpy(images))
+    assert y.tolist() == list(range(10))
 
 
 @pytest.mark.parametrize('protocol', [2, 5])  # 5 keeps the array's buffer out of band

@@ -21,7 +21,7 @@ from PIL import Image
 import evaluate
 import models
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
-from utils import attack_fgsm, attack_pgd
+from utils import attack_fgsm, attack_pgd, evaluate_robustness
 
 EPS = 8 / 255
 PGD_NAMES = ['pgd10', 'pgd20', 'pgd50', 'cw20']
@@ -241,6 +241,15 @@ def test_each_attack_forwards_batches_of_batch_size():
     assert forward_rows(model, X, y, 'clean', '--batch_size', 3) == [3, 3, 2]
     rows = forward_rows(model, X, y, 'pgd10', '--batch_size', 3)
     assert rows == ([3] * 11 + [3]) * 2 + [2] * 11 + [2]
+
+
+def test_the_per_epoch_evaluation_is_a_clean_pass_then_pgd_with_its_iterations():
+    model, X, y = split_problem(n=8, robust=4)
+    probe = Probe(model)
+    clean, pgd = evaluate_robustness(probe, [(X, y)], EPS, 2 / 255, 3)
+    # Clean: 8. PGD-3: 8, then the 4 unbroken twice, the attack's final 8, the count's 8.
+    assert probe.rows == [8, 8, 4, 4, 8, 8]
+    assert (clean, pgd) == (0.5, 0.5)
 
 
 def test_pgd_stops_at_once_when_every_example_is_broken():

@@ -78,11 +78,16 @@ def test_an_evaluation_at_another_radius_than_the_runs_is_not_its_result(tmp_pat
     write_results(run / 'results.json', [(run / runs.BEST, sha256_file(run / runs.BEST), 0.4)])
     write_results(run / 'results-2.json', [(run / runs.BEST, sha256_file(run / runs.BEST), 0.1)],
                   n=20000, epsilon_255=16.0)
+    write_results(run / 'results-3.json', [(run / runs.BEST, sha256_file(run / runs.BEST), 0.7)],
+                  n=30000, epsilon_255=4.0)  # a smaller radius: no more its result
     report = json.loads((run / 'results-2.json').read_text())
     results = runs.read_run(str(run))['results']
     assert results['best']['attacks']['aa']['accuracy'] == 0.4
-    assert f'{run / "results-2.json"} evaluated {run / runs.BEST} at eps 16/255, not at the ' \
-           '8/255 it trained at; that evaluation is not used' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for name, radius in (('results-2.json', 16), ('results-3.json', 4)):
+        assert f'{run / name} evaluated {run / runs.BEST} at eps {radius}/255, not at the ' \
+               '8/255 it trained at; that evaluation is not used' in err
+    (run / 'results-3.json').unlink()
     # A report without its radius (written by hand) counts, as before radii were recorded.
     (run / 'results-2.json').write_text(json.dumps(
         {k: v for k, v in report.items() if k != 'epsilon_255'}))
@@ -253,3 +258,30 @@ def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, fie
     torch.save(dict(checkpoint, **{field: -1}), path)
     with pytest.raises(InputError, match=r'\(epoch, step missing or not what training writes\)'):
         runs.read_checkpoint(path)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('accuracy', -0.2, 'the aa accuracy -0.2 is not a number in [0, 1]'),
+    ('n', -5, 'the aa image count -5 is not a whole number'),
+    ('n', 2.5, 'the aa image count 2.5 is not a whole number'),
+])
+def test_an_evaluation_holding_numbers_no_evaluation_writes_is_refused(tmp_path, field, value,
+                                                                       message):
+    path = tmp_path / 'results.json'
+    write_results(path, [(tmp_path / runs.BEST, '0' * 64, 0.4)])
+    report = json.loads(path.read_text())
+    report['results'][0]['attacks']['aa'][field] = value
+    path.write_text(json.dumps(report))
+    with pytest.raises(InputError, match=f'^{re.escape(f"{path}: {message}")}$'):
+        runs.read_evaluation(str(path))
+
+
+@pytest.mark.parametrize('key, value', [('epochs', None), ('dataset', 'imagenet')])
+def test_a_config_without_its_epochs_or_of_an_unknown_dataset_is_refused(tmp_path, key, value):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    config = json.loads((run / 'config.json').read_text())
+    config[key] = value
+    (run / 'config.json').write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(InputError, match=re.escape(f'not the config.json of a training run '
+                                                   f'({key} {value!r})')):
+        runs.read_config(str(run))
