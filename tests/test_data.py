@@ -1,4 +1,5 @@
 """CIFAR files in, device batches out: layout checks, safe unpickling, augmentation."""
+import codecs
 import hashlib
 import io
 import os
@@ -485,6 +486,7 @@ def test_data_that_is_not_uint8_is_refused_naming_what_it_is(tmp_path):
 
 
 HUGE = (10 ** 6, 10 ** 6)
+TEXT = 'x' * 50000
 
 
 @pytest.mark.parametrize('payload,protocol,message', [
@@ -505,6 +507,9 @@ HUGE = (10 ** 6, 10 ** 6)
     # Each array fits in the file, all of them together do not: the budget is for the file.
     ([Reduce(RECONSTRUCT, (np.ndarray, (2 ** 14,), b'b')) for _ in range(2000)], 2,
      'an array of shape (16384,)'),
+    # The same for bytes: one stored text decoded again and again.
+    ([Reduce(codecs.encode, (TEXT, 'latin1')) for _ in range(2000)], 2,
+     'a byte string (50000 bytes) is larger than the file'),
 ])
 def test_a_tiny_pickle_declaring_a_huge_array_is_refused_before_allocating(
         tmp_path, payload, protocol, message):
