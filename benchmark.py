@@ -45,7 +45,7 @@ from cli import (MAX_SYNTHETIC_IMAGES, HelpFormatter, cuda_default, device_flag,
                  positive_int, print_header, resolve_device, seed_int, start_script)
 from synthetic import write_synthetic_cifar
 from models import ARCHS
-from utils import CifarLoader, clamp, cudnn_autotuning, evaluate_batches, load_cifar, pgd_attack
+from utils import CifarLoader, attack_backend, clamp, evaluate_batches, load_cifar, pgd_attack
 
 # One CIFAR-10 run as the paper trains it: the projection's yardstick.
 EPOCHS, TRAIN_IMAGES, TEST_IMAGES = 110, 50_000, 10_000
@@ -325,8 +325,8 @@ def pgd_eval_rate(args, root, device):
     batches = [(X, torch.zeros(len(X), dtype=torch.long, device=device))
                for X in x.split(args.eval_batch_size)]
     attack = pgd_attack(PGD_EPSILON, PGD_ALPHA, PGD_ITERS, 1)
-    # Trainer's settings, and as in Trainer.end_epoch no cuDNN autotuning.
-    with project_cuda_flags(device), cudnn_autotuning(False):
+    # The backend settings of Trainer.end_epoch's evaluation.
+    with attack_backend():
         if args.warmup:  # CUDA's lazy set-up and the first call of each kernel: not timed
             one_step = pgd_attack(PGD_EPSILON, PGD_ALPHA, 1, 1)
             evaluate_batches(model, {len(X): (X, y) for X, y in batches}.values(), one_step)

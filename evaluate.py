@@ -27,9 +27,9 @@ from progress import progress
 from cli import (HelpFormatter, device_flag, exit_status, network_width, number_in_range,
                  pixel_units, positive_int, resolve_device, seed_int, start_script)
 from data import load_dataset
-from utils import (DATASETS, InputError, NonFiniteLogits, atomic_write_text, check_writable_dir,
-                   create_new_text_file, evaluate_batches, load_model_weights,
-                   pgd_attack, sha256_file)
+from utils import (DATASETS, InputError, NonFiniteLogits, atomic_write_text, attack_backend,
+                   check_writable_dir, create_new_text_file, evaluate_batches,
+                   load_model_weights, pgd_attack, sha256_file)
 
 # name: (loss, iterations); None is clean accuracy, 'aa' is AutoAttack.
 ATTACKS = {'clean': None, 'pgd10': ('ce', 10), 'pgd20': ('ce', 20), 'pgd50': ('ce', 50),
@@ -311,7 +311,6 @@ def run(dataset, args):
         print(f'note: --n_ex {args.n_ex} but the test set has {len(y)} images; using all')
     x = x[:args.n_ex].to(device).float() / 255
     y = y[:args.n_ex].to(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     check_clean_logits(models, paths, digests, x[:args.batch_size], device)
     report = dict(dataset=dataset, n_examples=len(y), epsilon=args.epsilon / 255,
                   epsilon_255=args.epsilon, attacks=args.attacks, seed=args.seed,
@@ -437,6 +436,7 @@ def main(dataset, argv=None):
     """Evaluate; bad input is one `error:` line and status 2, a failed write one and status 1."""
     start_script()
     args = parse_args(dataset, argv)
-    code = exit_status(lambda: run(dataset, args))
+    with attack_backend():  # every attack and check in full fp32
+        code = exit_status(lambda: run(dataset, args))
     if code:
         sys.exit(code)

@@ -33,7 +33,7 @@ from models import build_model as build_architecture
 from data import load_dataset
 from files import append_text
 from utils import (DATASETS, WEIGHT_LIMIT, CifarLoader, InputError, NonFiniteLogits, atomic_save,
-                   attack_fgsm, check_writable_dir, cudnn_autotuning, evaluate_batches,
+                   attack_backend, attack_fgsm, check_writable_dir, evaluate_batches,
                    evaluate_robustness, one_line, pgd_attack, safe_torch_load)
 
 
@@ -460,7 +460,7 @@ class Trainer:
         # The ranks' collectives must stay in step, so there the evaluation is not cut short.
         try:
             with stop.interrupting() if not self.dist.enabled else contextlib.nullcontext(), \
-                    cudnn_autotuning(False):  # PGD's batches shrink as it breaks examples
+                    attack_backend():  # fp32 exactly; PGD's batches shrink as it breaks examples
                 clean, pgd = evaluate_robustness(
                     self.eval_model, self.eval_loader.batches(), self.hp.epsilon,
                     self.pgd_alpha, a.pgd_iters, dist=self.dist,

@@ -505,19 +505,25 @@ def attack_fgsm(model, X, y, epsilon):
 # Evaluation
 
 @contextlib.contextmanager
-def cudnn_autotuning(enabled):
-    """cuDNN autotuning on or off inside, as it was outside.
+def attack_backend():
+    """Inside: the backend settings attacks run under; outside, the settings as they were.
 
-    Training's evaluation turns it off: attack_pgd forwards only the examples it
-    has not broken yet, so nearly every PGD step has a new batch size, and with
+    TF32 off in matmuls and cuDNN convolutions: attacks run in full fp32 (TF32
+    keeps 10 mantissa bits, and the checks read gradients as exact as fp32 has
+    them). cuDNN autotuning off: attack_pgd forwards only the examples it has not
+    broken yet, so nearly every PGD step has a new batch size, and with
     autotuning on cuDNN would time every convolution anew for each one.
     """
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
+    backends = torch.backends
+    previous = (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
+                backends.cudnn.allow_tf32)
+    backends.cudnn.benchmark = backends.cuda.matmul.allow_tf32 = False
+    backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = previous
+        (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
+         backends.cudnn.allow_tf32) = previous
 
 
 def evaluate_batches(model, batches, attack=None):

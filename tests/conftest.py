@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +59,23 @@ def evaluate_in_process(capsys, *argv):
         code = exit.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def backend_flags():
+    """cuDNN autotuning, TF32 in matmuls, TF32 in cuDNN convolutions."""
+    backends = torch.backends
+    return (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
+
+
+@pytest.fixture
+def backend_flags_on():
+    """All three on, as training sets them on CUDA; as they were afterwards."""
+    backends, before = torch.backends, backend_flags()
+    backends.cudnn.benchmark = backends.cuda.matmul.allow_tf32 = True
+    backends.cudnn.allow_tf32 = True
+    yield
+    (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
+     backends.cudnn.allow_tf32) = before
 
 
 def script_path(name):

@@ -16,7 +16,7 @@ import checks
 import evaluate
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
-from conftest import adversarially_trained_mlp, evaluate_in_process, run_script
+from conftest import adversarially_trained_mlp, backend_flags, evaluate_in_process, run_script
 from synthetic import write_synthetic_cifar
 from utils import (InputError, NonFiniteLogits, attack_pgd, evaluate_batches, load_model_weights,
                    pgd_attack, sha256_file)
@@ -509,6 +509,26 @@ def test_the_checks_take_the_evaluations_radius_seed_batch_size_and_examples(tmp
                                          '--checks-examples', 4)
     assert code == 0, err
     assert seen == [(6, 6 / 255, 5, 3, 4, None)]
+
+
+def test_the_test_script_attacks_and_checks_in_full_fp32_and_puts_the_backend_back(
+        tmp_path, capsys, monkeypatch, backend_flags_on):
+    """TF32 (10 mantissa bits) and cuDNN autotuning off in every forward; as before after."""
+    checkpoint = model_and_data(tmp_path)
+    seen, load = [], evaluate.load_model_weights
+
+    def loading(*args):
+        model = load(*args)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(backend_flags()))
+        return model
+    monkeypatch.setattr(evaluate, 'load_model_weights', loading)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', 4, '--attacks', 'clean,pgd10',
+                                         '--checks-examples', 4)
+    assert code == 0, err
+    assert len(seen) > 20 and set(seen) == {(False, False, False)}
+    assert backend_flags() == (True, True, True)
 
 
 def test_the_test_scripts_defaults_are_the_papers_protocol():

@@ -18,7 +18,7 @@ import flags
 import mixkl
 import runs
 import training
-from conftest import load_weights, read_metrics, run_script, same_weights
+from conftest import backend_flags, load_weights, read_metrics, run_script, same_weights
 from conftest import run_dirs as run_dirs_in
 from preactresnet import PreActResNet18
 from synthetic import write_synthetic_cifar
@@ -127,24 +127,25 @@ def test_training_learns_a_learnable_task(tmp_path):
     assert float(rows[-1]['test_pgd_acc']) > 0.2
 
 
-def test_the_per_epoch_evaluation_runs_without_cudnn_autotuning(tmp_path, monkeypatch):
-    """PGD's batches shrink as it breaks examples: autotuning would time every size anew."""
+def test_the_per_epoch_evaluation_runs_in_full_fp32_without_cudnn_autotuning(
+        tmp_path, monkeypatch, backend_flags_on):
+    """PGD's batches shrink as it breaks examples: autotuning would time every size anew.
+    Attacks run in fp32, TF32 off, though training steps use it on CUDA."""
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=16, seed=2)
-    autotuning_seen = []
+    seen = []
     evaluate = training.evaluate_robustness
 
     def recording(*args, **kwargs):
-        autotuning_seen.append(torch.backends.cudnn.benchmark)
+        seen.append(backend_flags())
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(training, 'evaluate_robustness', recording)
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', True)  # as training sets it on CUDA
     args, parser = training.parse_args('cifar10', [
         '--data-dir', str(tmp_path / 'data'), '--out_dir', str(tmp_path / 'output'),
         '--epochs', '2', '--batch-size', '16', '--width', '8', '--alarm-examples', '8'])
     assert training.Trainer(args, parser).fit() == 0
-    assert autotuning_seen == [False, False]
-    assert torch.backends.cudnn.benchmark is True, 'training steps keep it'
+    assert seen == [(False, False, False)] * 2
+    assert backend_flags() == (True, True, True), 'training steps keep them'
 
 
 def test_what_a_gpu_run_does_runs_on_cpu(tmp_path, monkeypatch):
