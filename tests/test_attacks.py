@@ -531,6 +531,30 @@ def test_the_test_script_attacks_and_checks_in_full_fp32_and_puts_the_backend_ba
     assert backend_flags() == (True, True, True)
 
 
+def test_nan_logits_under_attack_are_one_line_naming_the_checkpoint(tmp_path, capsys,
+                                                                    monkeypatch):
+    checkpoint = model_and_data(tmp_path)
+
+    def attacked(*args, **kwargs):
+        raise NonFiniteLogits('the model gives NaN or inf logits on attacked examples')
+    monkeypatch.setattr(evaluate, 'evaluate_checkpoint', attacked)
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', 4, '--attacks', 'clean')
+    assert (code, err) == (2, f'error: {checkpoint}: the model gives NaN or inf logits on '
+                              'attacked examples\n')
+
+
+def test_each_attacks_console_line_gives_its_accuracy_in_percent(capsys):
+    model, X, y = linear_problem(n=8)
+    results = evaluate.evaluate_checkpoint(model, X, y, evaluate.parse_args(
+        'cifar10', ['--model_path', 'm', '--attacks', 'clean,pgd10']), 'unused')
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split('%')[0].split() for line in lines] == [
+        [label, f'{100 * results[name]["accuracy"]:.2f}']
+        for name, label in (('clean', 'clean'), ('pgd10', 'PGD-10'))]
+
+
 def test_the_test_scripts_defaults_are_the_papers_protocol():
     args = evaluate.parse_args('cifar10', ['--model_path', 'm.pth'])
     assert (args.n_ex, args.attacks, args.restarts, args.seed, args.epsilon, args.alpha,
@@ -814,6 +838,7 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
         correct, settings = run()
         assert correct == evaluate_batches(model, [(points, y)])[0]
         assert settings['max_perturbation'] == pytest.approx(EPS)
+        assert settings['log'] == 'aa.log', 'results.json names the log beside it'
         assert made == [dict(norm='Linf', eps=EPS, version='standard', seed=3,
                              device=X.device), dict(batch_size=8)]
 

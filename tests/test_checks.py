@@ -479,6 +479,48 @@ def test_the_large_radius_is_eight_eps_and_at_least_64(trained, epsilon_255, rad
     assert numbers['accuracy'] == attacked.float().mean().item()
 
 
+def test_the_checks_fgsm_steps_the_whole_radius():
+    """On a two-class linear model one signed step of eps from the image is the worst case:
+    an example stays correct exactly when its margin exceeds eps * ||w_1 - w_0||_1."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, 48, generator=g) * 0.1)
+        model[1].bias.zero_()
+    X = 0.1 + 0.8 * torch.rand(200, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        logits = model(X)
+    y = logits.argmax(1)
+    margin = (logits[:, 0] - logits[:, 1]).abs()
+    exact = margin > EPS * (model[1].weight[1] - model[1].weight[0]).abs().sum()
+    assert 20 < exact.sum() < 180
+    probe = checks.Probe(model, X, y, EPS, 0, 64, SMALL)
+    assert torch.equal(probe.robust('fgsm', EPS), exact)
+
+
+def test_an_input_gradient_is_dead_only_when_zero_at_every_pixel():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).eval()
+    with torch.no_grad():
+        model[1].weight[:, :24] = 0  # half the pixels never matter
+    X, y = torch.rand(8, 3, 4, 4), torch.zeros(8, dtype=torch.long)
+    assert checks.measure_gradients_alive(checks.Probe(model, X, y, EPS, 0, 64, SMALL)) == \
+        dict(examples=8, zero_gradient=0, zero_gradient_share=0.0)
+    with torch.no_grad():
+        model[1].weight.zero_()
+    assert checks.measure_gradients_alive(checks.Probe(model, X, y, EPS, 0, 64, SMALL)) == \
+        dict(examples=8, zero_gradient=8, zero_gradient_share=1.0)
+
+
+def test_a_large_radius_leaving_nothing_correct_names_no_class():
+    probe = checks.Probe(nn.Identity(), torch.zeros(6, 3, 2, 2), torch.arange(6) % 3, EPS, 0,
+                         64, SMALL)
+    probe.cache[('pgd', checks.large_radius(EPS, SMALL), 10)] = torch.zeros(6, dtype=torch.bool)
+    numbers = checks.measure_large_epsilon(probe)
+    assert numbers == dict(examples=6, epsilon_255=128.0, accuracy=0.0, class_kept_most=-1,
+                           accuracy_other_classes=0.0)
+    assert 'leaves nothing correct' in checks.judge_large_epsilon(numbers, SMALL)[2]
+
+
 def test_the_checks_share_their_attacks_example_by_example(trained):
     model, X, y = trained
     probe = checks.Probe(model, X, y, EPS, 0, 64, SMALL)

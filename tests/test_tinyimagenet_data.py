@@ -142,6 +142,9 @@ def test_data_dir_may_be_the_dataset_folder_itself(tmp_path):
     x, y = load_tiny_imagenet(base, train=False, quiet=True)
     x_ref, y_ref = load(tmp_path, train=False)
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    os.makedirs(tmp_path / 'train')  # a stray train/ beside the dataset folder, no val/
+    x, y = load(tmp_path, train=False)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
 def test_grayscale_and_cmyk_jpegs_come_back_as_rgb(tmp_path):
@@ -376,6 +379,9 @@ def damage(base, how, victim):
     elif how == 'sidecar garbage':
         with open(sidecar_path, 'wb') as f:
             f.write(b'\xff\x00{not json')
+    elif how == 'sidecar not an object':
+        with open(sidecar_path, 'w') as f:
+            f.write('[]')
     elif how == 'sidecar nested too deep':  # json's parser recurses: RecursionError
         with open(sidecar_path, 'w') as f:
             f.write('[' * 50000 + ']' * 50000)
@@ -386,7 +392,8 @@ def damage(base, how, victim):
 
 
 @pytest.mark.parametrize('how', [
-    'truncated', 'sidecar garbage', 'sidecar nested too deep', 'array deleted',
+    'truncated', 'sidecar garbage', 'sidecar not an object', 'sidecar nested too deep',
+    'array deleted',
     'replaced by another array, the sidecar untouched',
     'forged: truncated',
     'forged: not an npy file', 'forged: another shape', 'forged: another dtype',
