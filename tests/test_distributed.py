@@ -151,6 +151,8 @@ def test_signal_on_one_rank_stops_all_then_resume_matches(ddp_run, data_dir, tmp
             launcher.kill()
     run_dir = the_run_dir(out)
     assert 'stopped at epoch' in output, 'the run ended before the signal came?\n' + output
+    assert f'Resume with: torchrun --nproc_per_node=2 MIX_KL_CIFAR10.py --resume {run_dir}' \
+        in output
     assert launcher.returncode != 0  # torchrun reports the workers' exit code 128 + SIGTERM
     checkpoint = torch.load(os.path.join(run_dir, 'checkpoint.pth'), weights_only=True)
     assert checkpoint['epoch'] >= 1 and checkpoint['world_size'] == 2

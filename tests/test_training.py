@@ -93,7 +93,13 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
     assert config['data_sha256'] == training.data_digest(x_train, y_train, x_test, y_test)
     assert config['command'].startswith(f'{flags.TRAINING_SCRIPTS[dataset]} ')
     log = open(os.path.join(run_dir, 'train.log')).read()
-    assert 'epoch 1/1' in log and 'PGD-10' in log
+    number = lambda key, spec='.4f': format(float(row[key]), spec)
+    assert (f"epoch 1/1  {number('seconds', '.1f')}s+{number('eval_seconds', '.1f')}s  "
+            f"lr {number('lr', '.4g')}  loss {number('train_loss')}  "
+            f"train acc {number('train_acc')}  tau {number('tau')}  "
+            f"teacher updates {row['teacher_updates']}  test clean {number('test_clean_acc')}  "
+            f"PGD-10 {number('test_pgd_acc')}\n") in log
+    assert f"done: best test PGD accuracy {number('test_pgd_acc')}; " in log
 
 
 def test_the_best_checkpoint_is_the_teacher_at_its_best_epoch(finished_run):
@@ -450,6 +456,28 @@ def test_the_temporaries_of_every_file_of_a_run_a_kill_left_are_removed(tmp_path
     assert os.listdir(tmp_path) == ['.results.json.abcdefgh'], 'not a file training writes'
 
 
+def test_replicas_that_differ_between_torchrun_processes_stop_the_run(tmp_path):
+    looks = []
+    trainer = SimpleNamespace(dist=SimpleNamespace(enabled=True, world_size=2,
+                                                   identical=lambda tensors: looks.pop(0)),
+                              student=PreActResNet18(10, 4),
+                              teacher=SimpleNamespace(model=PreActResNet18(10, 4)))
+    for seen, differs in (([False], 'student'), ([True, False], 'teacher')):
+        looks[:] = seen
+        with pytest.raises(RuntimeError, match=f'after epoch 3 the {differs} differs between '
+                                               'the 2 processes'):
+            training.Trainer._check_replicas(trainer, 2)
+    looks[:] = [True, True]
+    training.Trainer._check_replicas(trainer, 2)
+    assert looks == []
+
+
+def test_sync_bn_on_cpu_processes_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(InputError, match='--sync-bn needs CUDA'):
+        training.Trainer(*tiny_args(tmp_path, '--sync-bn'),
+                         ddp.Distributed(0, 2, 0, torch.device('cpu')))
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     """A finished 2-epoch run trained with --lr-max 0.05: its run directory."""
@@ -532,7 +560,7 @@ def test_the_cyclic_momentum_falls_as_the_learning_rate_rises_at_every_step(tmp_
 
 def test_the_trainer_takes_every_flag_of_the_step_optimizer_loaders_and_teacher(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=16, n_test=8, seed=2)
-    flags = ['--lr-max', '0.05', '--momentum', '0.8', '--weight-decay', '0.001', '--seed', '7',
+    flags = ['--lr-max', '0.05', '--momentum', '0.85', '--weight-decay', '0.001', '--seed', '7',
              '--epsilon', '6', '--alpha', '5', '--mixup-alpha', '0.5', '--delta-init', 'zero',
              '--lamda', '3', '--tau0', '4', '--gamma', '0.5', '--tau-schedule', 'constant',
              '--lambda-kl-base', '0.25', '--ema-value', '0.7', '--ema-decay-max', '0.6',
@@ -548,7 +576,8 @@ def test_the_trainer_takes_every_flag_of_the_step_optimizer_loaders_and_teacher(
     assert trainer.pgd_alpha == 1.5 / 255
     group, = trainer.optimizer.param_groups
     assert isinstance(trainer.optimizer, torch.optim.SGD)
-    assert (group['initial_lr'], group['momentum'], group['weight_decay']) == (0.05, 0.8, 0.001)
+    # The multistep schedule's momentum is --momentum (--momentum-min is the cyclic one's).
+    assert (group['initial_lr'], group['momentum'], group['weight_decay']) == (0.05, 0.85, 0.001)
     assert group['params'] == list(trainer.student.parameters())
     loader = trainer.train_loader
     assert (loader.batch_size, loader.augment, loader.seed, loader.train) == (16, False, 7, True)
@@ -699,12 +728,15 @@ def test_a_resume_refuses_a_config_json_edited_by_hand(tiny_run):
 def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tiny_run):
     tmp, run_dir = tiny_run
     path = os.path.join(run_dir, 'checkpoint.pth')
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint['teacher']['linear.bias'][0] = float('nan')
-    torch.save(checkpoint, path)
-    with pytest.raises(InputError, match='teacher linear.bias is not finite or beyond 1e.08; '
-                                         'this checkpoint cannot be trained on'):
-        resume(tmp, run_dir)
+    for model in ('teacher', 'student'):
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint[model]['linear.bias'][0] = float('nan')
+        torch.save(checkpoint, path)
+        with pytest.raises(InputError, match=f'{model} linear.bias is not finite or beyond '
+                                             '1e.08; this checkpoint cannot be trained on'):
+            resume(tmp, run_dir)
+        checkpoint[model]['linear.bias'][0] = 0.0
+        torch.save(checkpoint, path)
 
 
 def test_the_end_of_a_run_names_only_the_models_present(tmp_path, capsys):
@@ -737,12 +769,18 @@ def test_a_run_directory_takes_one_process_and_a_dead_ones_lock_does_not_block(t
     resume(tmp, run_dir).release()
 
 
-def test_a_resume_removes_temporary_files_a_kill_left(tiny_run):
+def test_a_resume_removes_temporary_files_a_kill_left(tiny_run, monkeypatch):
     tmp, run_dir = tiny_run
+    checked, check = [], training.check_writable_dir
+    monkeypatch.setattr(training, 'check_writable_dir',
+                        lambda *args: checked.append(args) or check(*args))
     for name in ('.checkpoint.pth.k2j4x9qa', '.metrics.csv.abcdefgh'):
         open(os.path.join(run_dir, name), 'w').write('half written')
     open(os.path.join(run_dir, 'notes.txt'), 'w').write('mine')
+    config = open(os.path.join(run_dir, 'config.json'), 'rb').read()
     resume(tmp, run_dir).release()
+    assert open(os.path.join(run_dir, 'config.json'), 'rb').read() == config, 'as trained'
+    assert checked == [(run_dir, '--resume')], 'writable: before an epoch, not after it'
     assert sorted(n for n in os.listdir(run_dir) if n.startswith('.')) == []
     assert os.path.exists(os.path.join(run_dir, 'notes.txt'))
 
