@@ -550,8 +550,10 @@ def test_a_script_that_fails_is_recorded_failed_with_its_error_and_not_started_a
         ('failed', 'train', 3, 'error: boom')
 
 
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_a_grid_told_to_stop_passes_sigterm_on_to_its_scripts_and_the_run_stays_pending(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, signum):
+    """Stopped by SIGTERM or Ctrl-C (SIGINT): each running script gets SIGTERM and saves."""
     stopped = tmp_path / 'stopped'
     train = tmp_path / 'train.py'
     train.write_text('import os, signal, sys, time\n'
@@ -559,14 +561,15 @@ def test_a_grid_told_to_stop_passes_sigterm_on_to_its_scripts_and_the_run_stays_
                      f'    open({str(stopped)!r}, "w").close()\n'
                      '    sys.exit(128 + signal.SIGTERM)\n'
                      'signal.signal(signal.SIGTERM, stop)\n'
-                     'os.kill(os.getppid(), signal.SIGTERM)\n'
+                     f'os.kill(os.getppid(), {int(signum)})\n'
                      'time.sleep(30)\n')
     monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
     argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method', 'fgsm_rs']
     parsed, (combo,) = grid.parse(argv)
-    started = time.time()
+    started, handler = time.time(), signal.getsignal(signum)
     assert grid.main(argv) == 128 + signal.SIGTERM
     assert stopped.exists() and time.time() - started < 20
+    assert signal.getsignal(signum) is handler, 'the handler as it was before the grid'
     record = grid.read_record(combo.folder(parsed.out_dir))
     assert (record['status'], record['exit_code']) == ('pending', 128 + signal.SIGTERM)
 
@@ -668,24 +671,6 @@ def test_a_stand_in_script_keeps_its_runs_lock_after_the_grid_lets_go_of_it(tmp_
         running.process.kill()
         running.process.wait()
     assert grid.lock(folder) is not None
-
-
-def test_a_grid_stopped_by_ctrl_c_stops_its_scripts_and_puts_its_handler_back(tmp_path,
-                                                                               monkeypatch):
-    stopped = tmp_path / 'stopped'
-    train = tmp_path / 'train.py'
-    train.write_text('import os, signal, sys, time\n'
-                     'def stop(*_):\n'
-                     f'    open({str(stopped)!r}, "w").close()\n'
-                     '    sys.exit(128 + signal.SIGTERM)\n'
-                     'signal.signal(signal.SIGTERM, stop)\n'
-                     'os.kill(os.getppid(), signal.SIGINT)\n'
-                     'time.sleep(30)\n')
-    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
-    handler = signal.getsignal(signal.SIGINT)
-    assert grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method',
-                      'fgsm_rs']) == 128 + signal.SIGTERM
-    assert stopped.exists() and signal.getsignal(signal.SIGINT) is handler
 
 
 def test_a_flag_without_a_value_reaches_every_combination():
