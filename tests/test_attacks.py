@@ -325,9 +325,9 @@ def spoiled(state, how):
     state = dict(state)
     if how == 'ambiguous keys':
         state['module.linear.bias'] = state['linear.bias'] + 1
-    elif how == 'beyond the weight limit':
+    elif how in ('beyond the weight limit', 'beyond minus the weight limit'):
         state['linear.weight'] = state['linear.weight'].clone()
-        state['linear.weight'][0, 0] = 2e8
+        state['linear.weight'][0, 0] = 2e8 if how == 'beyond the weight limit' else -2e8
     elif how == 'negative running variance':
         state['layer2.0.bn1.running_var'] = state['layer2.0.bn1.running_var'].clone()
         state['layer2.0.bn1.running_var'][3] = -0.5
@@ -350,6 +350,7 @@ def spoiled(state, how):
                        'once the module./_orig_mod. prefixes are dropped'),
     ('beyond the weight limit', r'1 tensor\(s\) hold values beyond 1e\+08 in absolute value, '
                                 r'where training stops a run as diverged \(linear.weight\)'),
+    ('beyond minus the weight limit', r'beyond 1e\+08 in absolute value, where training stops'),
     ('negative running variance', r'are BatchNorm running variances with negative values '
                                   r'\(layer2.0.bn1.running_var\)'),
     ('complex', r'are not real floating point or integer tensors \(linear.weight \(complex64\)\)'),

@@ -31,6 +31,7 @@ def test_flags_are_read_with_and_without_an_equals_sign():
     (['--method', 'mixkl', 'pgd'], "argument --method: invalid choice: 'pgd'"),
     (['--bogus', '1'], '--bogus: not a flag grid.py passes on'),
     (['--resume', 'x'], '--resume: not a flag grid.py passes on'),
+    (['--model_path', 'x'], '--model_path: not a flag grid.py passes on'),  # the grid's own
     (['--n_ex', '10', '20'], '--n_ex 10 20: a flag of the test script takes one value'),
     (['--n_ex', '0'], 'argument --n_ex/--n-ex: 0 must be >= 1'),
     (['--lr-schedule', 'cyclic', '--momentum-min', '0.95'], '--momentum 0.9: the cyclic'),
@@ -71,6 +72,7 @@ def test_the_table_rows_put_numbers_in_numeric_order():
     assert sorted([16.0, 8.0, 4.5], key=grid.sort_key) == [4.5, 8.0, 16.0]
     assert grid.percent_pm(0.41234, 0.0052) == '41.23 ± 0.52'
     assert grid.percent_pm(0.5, None) == '50.00' and grid.percent_pm(None, None) == '-'
+    assert grid.percent_pm(0.0, 0.0) == '0.00 ± 0.00', 'no image left correct is a result'
     assert grid.mean_std([0.2]) == (0.2, None)
 
 

@@ -285,3 +285,14 @@ def test_a_config_without_its_epochs_or_of_an_unknown_dataset_is_refused(tmp_pat
     with pytest.raises(InputError, match=re.escape(f'not the config.json of a training run '
                                                    f'({key} {value!r})')):
         runs.read_config(str(run))
+
+
+def test_json_nested_as_deep_as_the_limit_is_read_and_one_level_more_refused(tmp_path):
+    path = tmp_path / 'results.json'
+    for depth in (runs.JSON_DEPTH_LIMIT, runs.JSON_DEPTH_LIMIT + 1):
+        path.write_text('[' * depth + ']' * depth)
+        if depth == runs.JSON_DEPTH_LIMIT:
+            assert runs.json_depth(path.read_text()) == depth and runs.read_json(str(path))
+        else:
+            with pytest.raises(InputError, match=f'nested deeper than {runs.JSON_DEPTH_LIMIT}'):
+                runs.read_json(str(path))
