@@ -176,6 +176,10 @@ def test_tiny_imagenet_models_normalise_inside_and_keep_it_out_of_the_state_dict
     torch.save(plain.state_dict(), path)
     loaded = load_model_weights(str(path), 'tinyimagenet').eval()
     torch.testing.assert_close(loaded(x), normalised(x), rtol=0, atol=0)
+    trained = training.build_model('preactresnet18', 'tinyimagenet', 4, torch.device('cpu'),
+                                   False).eval()  # what training builds normalises too
+    trained.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(trained(x), normalised(x), rtol=0, atol=0)
     with pytest.raises(InputError, match='200-class model; .* evaluates 10-class models'):
         load_model_weights(str(path), 'cifar10', script='test_cifar10.py')
 

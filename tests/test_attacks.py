@@ -18,8 +18,8 @@ from payloads import CreatesAFile
 from preactresnet import PreActResNet18
 from conftest import adversarially_trained_mlp, backend_flags, evaluate_in_process, run_script
 from synthetic import write_synthetic_cifar
-from utils import (InputError, NonFiniteLogits, attack_pgd, evaluate_batches, load_model_weights,
-                   pgd_attack, sha256_file)
+from utils import (InputError, NonFiniteLogits, attack_backend, attack_pgd, evaluate_batches,
+                   load_model_weights, pgd_attack, sha256_file)
 
 EPS = 8 / 255
 
@@ -510,6 +510,20 @@ def test_the_checks_take_the_evaluations_radius_seed_batch_size_and_examples(tmp
                                          '--checks-examples', 4)
     assert code == 0, err
     assert seen == [(6, 6 / 255, 5, 3, 4, None)]
+
+
+@pytest.mark.parametrize('flags', [(True, False, True), (False, True, False)])
+def test_attacks_run_in_full_fp32_and_each_backend_setting_is_as_it_was_after(flags):
+    backends, before = torch.backends, backend_flags()
+    try:
+        backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = \
+            flags
+        with attack_backend():
+            assert backend_flags() == (False, False, False)
+        assert backend_flags() == flags
+    finally:
+        (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
+         backends.cudnn.allow_tf32) = before
 
 
 def test_the_test_script_attacks_and_checks_in_full_fp32_and_puts_the_backend_back(

@@ -276,7 +276,7 @@ def test_an_evaluation_holding_numbers_no_evaluation_writes_is_refused(tmp_path,
         runs.read_evaluation(str(path))
 
 
-@pytest.mark.parametrize('key, value', [('epochs', None), ('dataset', 'imagenet')])
+@pytest.mark.parametrize('key, value', [('epochs', None), ('epochs', 0), ('dataset', 'imagenet')])
 def test_a_config_without_its_epochs_or_of_an_unknown_dataset_is_refused(tmp_path, key, value):
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
     config = json.loads((run / 'config.json').read_text())

@@ -529,6 +529,12 @@ def bad_annotation_with_a_non_integer_box(base):
     return False, path, 'line 1 is not file<TAB>wnid<TAB>x0'
 
 
+def bad_annotation_with_a_non_integer_x0(base):
+    wnid = listed_wnids(base)[0]
+    path = unparseable(base, f'val_0.JPEG\t{wnid}\tone\t2\t3\t4')
+    return False, path, 'line 1 is not file<TAB>wnid<TAB>x0'
+
+
 def bad_annotation_with_a_seventh_field(base):
     wnid = listed_wnids(base)[0]
     path = unparseable(base, f'val_0.JPEG\t{wnid}\t1\t2\t3\t4\t5')
