@@ -469,6 +469,14 @@ def test_a_batch_written_by_python_2_and_an_older_numpy_loads_as_its_pixels(tmp_
     assert y.tolist() == list(range(10))
 
 
+def test_an_array_pickled_with_permuted_axes_unpickles_as_its_numbers():
+    """Protocol 5 writes such an array as its buffer, order 'K' and the axes' order."""
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4).transpose(1, 0, 2)
+    raw = pickle.dumps({'x': array}, protocol=5)
+    loaded = utils._CifarUnpickler(io.BytesIO(raw), 'batch', len(raw)).load()['x']
+    assert np.array_equal(loaded, array)
+
+
 @pytest.mark.parametrize('protocol', [2, 5])  # 5 keeps the array's buffer out of band
 def test_an_array_pickled_in_fortran_order_loads_as_its_numbers(tmp_path, protocol):
     write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)

@@ -78,6 +78,15 @@ def test_an_atomic_write_reaches_the_disk_before_it_takes_the_files_name(tmp_pat
     assert calls == ['fsync', 'replace']
 
 
+def test_an_atomic_write_stopped_by_ctrl_c_leaves_no_temporary(tmp_path):
+    def interrupted(f):
+        f.write(b'half')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        files._atomic_write(str(tmp_path / 'metrics.csv'), interrupted)
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_append_adds_to_the_end_and_keeps_what_was_there(tmp_path):
     path = str(tmp_path / 'train.log')
     files.append_text(path, 'one\n')

@@ -203,3 +203,9 @@ def test_a_gpu_number_is_checked_against_the_gpus_of_the_machine(monkeypatch):
     with pytest.raises(InputError, match=r'--device cuda:2: this machine has 2 GPU\(s\), '
                                          'cuda:0 to cuda:1'):
         cli.check_device('cuda:2')
+
+
+def test_cuda_on_a_machine_without_it_is_refused_in_one_argparse_line(monkeypatch):
+    monkeypatch.setattr(cli.torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(InputError, match='argument --device: CUDA is not available'):
+        flags.parse_args('cifar10', ['--device', 'cuda'], strict=True)

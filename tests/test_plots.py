@@ -196,6 +196,10 @@ def test_grid_gives_a_configuration_one_colour_in_every_panel():
                              one_series([[0.1]], 'CIFAR-100', label='method=pgd_at')])
     both, alone = fig.axes
     assert to_rgb(both.get_lines()[1].get_color()) == to_rgb(alone.get_lines()[0].get_color())
+    for ax in (both, alone):  # each band in its line's colour
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert [tuple(b.get_facecolor()[0][:3]) for b in bands] == \
+            [to_rgb(line.get_color()) for line in ax.get_lines()]
     assert to_rgb(both.get_lines()[0].get_color()) != to_rgb(both.get_lines()[1].get_color())
 
 

@@ -264,6 +264,7 @@ def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, fie
     ('accuracy', -0.2, 'the aa accuracy -0.2 is not a number in [0, 1]'),
     ('n', -5, 'the aa image count -5 is not a whole number'),
     ('n', 2.5, 'the aa image count 2.5 is not a whole number'),
+    ('accuracy', True, 'the aa accuracy True is not a number in [0, 1]'),  # JSON's true
 ])
 def test_an_evaluation_holding_numbers_no_evaluation_writes_is_refused(tmp_path, field, value,
                                                                        message):
