@@ -40,8 +40,8 @@ from torchvision import transforms
 import bf16_check
 import mixkl
 import training
-from cli import (MAX_SYNTHETIC_IMAGES, HelpFormatter, cuda_default, device_flag,
-                 enable_fast_cuda, exit_status, image_count, network_width, number_in_range,
+from cli import (MAX_SYNTHETIC_IMAGES, HelpFormatter, backend_switches_kept, cuda_default,
+                 device_flag, enable_fast_cuda, exit_status, image_count, network_width, number_in_range,
                  positive_int, print_header, resolve_device, seed_int, start_script)
 from synthetic import write_synthetic_cifar
 from models import ARCHS
@@ -109,14 +109,9 @@ def project_cuda_flags(device):
     if device.type != 'cuda':
         yield
         return
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32)
-    enable_fast_cuda()
-    try:
+    with backend_switches_kept():
+        enable_fast_cuda()
         yield
-    finally:
-        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.allow_tf32) = flags
 
 
 def reset_peak_memory(device):

@@ -124,10 +124,32 @@ def cuda_default(device):
     return str(device).startswith('cuda')
 
 
+def backend_switches():
+    """The process-wide backend switches: (cuDNN autotuning, TF32 in matmuls, TF32 in cuDNN)."""
+    backends = torch.backends
+    return backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+
+
+def set_backend_switches(switches):
+    """Set the three switches of ``backend_switches``, in its order."""
+    backends = torch.backends
+    backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = \
+        switches
+
+
+@contextlib.contextmanager
+def backend_switches_kept():
+    """Inside, the switches may change; after, they are as they were before."""
+    previous = backend_switches()
+    try:
+        yield
+    finally:
+        set_backend_switches(previous)
+
+
 def enable_fast_cuda():
     """Training's CUDA settings: cuDNN autotuning (fixed input shapes), TF32 for fp32 work."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_backend_switches((True, True, True))
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from base import DATASETS, InputError, one_line
+from cli import backend_switches_kept, set_backend_switches
 # The file writers live in files.py (tinyimagenet.py imports them from there); the scripts
 # import them from here, as before they moved.
 from files import (atomic_save, atomic_write_array, atomic_write_bytes, atomic_write_text,
@@ -514,16 +515,9 @@ def attack_backend():
     broken yet, so nearly every PGD step has a new batch size, and with
     autotuning on cuDNN would time every convolution anew for each one.
     """
-    backends = torch.backends
-    previous = (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
-                backends.cudnn.allow_tf32)
-    backends.cudnn.benchmark = backends.cuda.matmul.allow_tf32 = False
-    backends.cudnn.allow_tf32 = False
-    try:
+    with backend_switches_kept():
+        set_backend_switches((False, False, False))
         yield
-    finally:
-        (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
-         backends.cudnn.allow_tf32) = previous
 
 
 def evaluate_batches(model, batches, attack=None):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import evaluate  # noqa: E402 (the project's modules, from ROOT)
+import cli  # noqa: E402 (the project's modules, from ROOT)
+import evaluate  # noqa: E402
 import runs  # noqa: E402
 import training  # noqa: E402
 from synthetic import learnable_images  # noqa: E402
@@ -62,20 +63,18 @@ def evaluate_in_process(capsys, *argv):
 
 
 def backend_flags():
-    """cuDNN autotuning, TF32 in matmuls, TF32 in cuDNN convolutions."""
+    """cuDNN autotuning, TF32 in matmuls, TF32 in cuDNN convolutions, read straight from torch
+    (the tests' own reading, not cli.backend_switches, which they check)."""
     backends = torch.backends
     return (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
 
 
 @pytest.fixture
 def backend_flags_on():
-    """All three on, as training sets them on CUDA; as they were afterwards."""
-    backends, before = torch.backends, backend_flags()
-    backends.cudnn.benchmark = backends.cuda.matmul.allow_tf32 = True
-    backends.cudnn.allow_tf32 = True
-    yield
-    (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
-     backends.cudnn.allow_tf32) = before
+    """cli.backend_switches all on, as training sets them on CUDA; as they were afterwards."""
+    with cli.backend_switches_kept():
+        cli.set_backend_switches((True, True, True))
+        yield
 
 
 def script_path(name):

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import checks
 import evaluate
+from cli import backend_switches_kept
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
 from conftest import adversarially_trained_mlp, backend_flags, evaluate_in_process, run_script
@@ -514,16 +515,13 @@ def test_the_checks_take_the_evaluations_radius_seed_batch_size_and_examples(tmp
 
 @pytest.mark.parametrize('flags', [(True, False, True), (False, True, False)])
 def test_attacks_run_in_full_fp32_and_each_backend_setting_is_as_it_was_after(flags):
-    backends, before = torch.backends, backend_flags()
-    try:
+    backends = torch.backends
+    with backend_switches_kept():  # the test's own changes undone after it
         backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = \
             flags
         with attack_backend():
             assert backend_flags() == (False, False, False)
         assert backend_flags() == flags
-    finally:
-        (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32,
-         backends.cudnn.allow_tf32) = before
 
 
 def test_the_test_script_attacks_and_checks_in_full_fp32_and_puts_the_backend_back(
