@@ -89,10 +89,10 @@ def test_benchmark_times_the_steps_and_settings_it_is_given(capsys, monkeypatch,
     assert '2 timed steps per path after 1 warm-up, batch 4, resnet18 width 8' in out
     assert 'PGD-10 eval:' in out and '(6 images at full cost' in out
     assert figure(r'PGD accuracy ([\d.]+)', out) == 1.0, 'no image broken: every step taken'
-    # On CPU: this process's peak RSS (ru_maxrss, KiB on Linux) in MiB; torch alone takes
-    # more than 100 MiB.
+    # On CPU: this process's peak RSS (ru_maxrss, KiB on Linux) in MiB, printed to the nearest
+    # MiB (so compared rounded as well); torch alone takes more than 100 MiB.
     peak = figure(r'^peak memory: +(\d+) MiB peak RSS', out)
-    assert 100 < peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    assert 100 < peak <= round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
 
 
 def test_benchmark_check_runs_bf16_check_with_both_precisions_for_each_seed(capsys, monkeypatch):
