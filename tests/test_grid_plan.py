@@ -216,9 +216,10 @@ def test_the_table_of_a_grid_is_the_mean_and_std_of_each_configurations_seeds(tm
             for seed in range(3):
                 plan[method, eps, seed] = ('done', 0.5 - 0.1 * m - 0.2 * e + 0.01 * seed,
                                            0.45 - 0.1 * m - 0.2 * e - 0.02 * seed, seed,
-                                           seed == 2 and method == 'fgsm_rs', 1.0 + seed)
+                                           seed == 2 and method == 'fgsm_rs', 1.0 + seed ** 2)
     plan['mixkl', 16.0, 1] = None  # failed before its first checkpoint
-    plan['fgsm_rs', 8.0, 0] = ('diverged', 0.1, 0.1, 0, False, 1.0)
+    # Diverged after its alarm fired: a seed in 'co' and a curve in the figure, not in the means.
+    plan['fgsm_rs', 8.0, 0] = ('diverged', 0.1, 0.1, 0, True, 1.0)
     hand_made_grid(tmp_path, plan)
 
     columns, rows = grid.table(str(tmp_path), ['clean', 'aa'])
@@ -240,23 +241,28 @@ def test_the_table_of_a_grid_is_the_mean_and_std_of_each_configurations_seeds(tm
             assert row[f'{model}_clean_mean'] == pytest.approx(0.9)
         assert row['minutes'] == pytest.approx(statistics.mean(v[5] for v in done))
         assert row['checks_warned'] == sum(v[3] for v in done)
-        assert row['co'] == sum(1 for v in done if v[4])
+        assert row['co'] == sum(1 for (m, e, _), v in plan.items() if (m, e) == key and v
+                                and v[4])
         assert row['failed'] == sum(1 for (m, e, _), v in plan.items() if (m, e) == key and not v)
         assert row['diverged'] == sum(1 for (m, e, _), v in plan.items()
                                       if (m, e) == key and v and v[0] == 'diverged')
     assert [r['seeds'] for r in rows] == [2, 3, 3, 2]
-    assert [r['co'] for r in rows] == [1, 1, 0, 0]
+    assert [r['co'] for r in rows] == [2, 1, 0, 0]
+    assert [r['minutes'] for r in rows] == pytest.approx([(2 + 5) / 2, 8 / 3, 8 / 3, 3.0])
+    # Every seed that trained is a curve of the figure, the diverged one too.
+    assert [len(s['runs']) for s in grid.plot_series(columns, rows)] == [3, 3, 3, 2]
     assert [r['failed'] for r in rows] == [0, 0, 0, 1] and rows[0]['diverged'] == 1
 
     text = grid.markdown(columns, rows, ['clean', 'aa'])
     cells = table_rows(text.split('\n\n')[0])
+    assert text.splitlines()[1] == '|---' * len(cells[0]) + '|', 'a delimiter cell per column'
     row = rows[2]
     assert cells[2] == {
         'method': 'mixkl', 'epsilon': '8', 'seeds': '3',
         'best clean': '90.00 ± 0.00', 'best AutoAttack': grid.percent_pm(row['best_aa_mean'],
                                                                         row['best_aa_std']),
         'final clean': '90.00 ± 0.00', 'final AutoAttack': '43.00 ± 2.00',
-        'minutes': '2.0', 'co': '0', 'checks warned': '3', 'failed': '-'}
+        'minutes': '2.7', 'co': '0', 'checks warned': '3', 'failed': '-'}
     assert cells[2]['best AutoAttack'] == '51.00 ± 1.00'
     assert (cells[0]['failed'], cells[3]['failed']) == ('1 diverged', '1 failed')
     with_csv = list(csv.DictReader(grid.csv_text(columns, rows, ['clean', 'aa']).splitlines()))
@@ -545,6 +551,9 @@ def test_a_script_that_fails_is_recorded_failed_with_its_error_and_not_started_a
         assert log.count('\n$ ') == 1 and 'epoch 1\nerror: boom\n' in log
         row, = csv.DictReader(open(tmp_path / 'grid' / 'grid.csv'))
         assert (row['seeds'], row['failed'], row['diverged']) == ('0', '1', '0')
+        entry, = json.loads((tmp_path / 'grid' / 'grid.json').read_text())['runs']
+        assert (entry['status'], entry['exit_code'], entry['message']) == \
+            ('failed', 3, 'error: boom')
     else:
         assert grid.GridJob(parsed, combo)() == 'failed'
     record = grid.read_record(folder)
@@ -599,7 +608,9 @@ def test_a_slurm_job_runs_its_script_under_torchrun_with_gpus_per_run_processes(
             self.process = SimpleNamespace(poll=lambda: 0, returncode=0)
             self.out_path = os.path.join(folder, grid.TRAIN_OUT)
     monkeypatch.setattr(grid, 'Running', Started)
-    assert grid.GridJob(parsed, combo)() == 'failed'  # it trained nothing
+    job = grid.GridJob(parsed, combo)
+    assert job() == 'failed'  # it trained nothing
+    assert job._process is not None, 'kept for checkpoint() to stop at the time limit'
     assert commands[0][1:5] == ['-m', 'torch.distributed.run', '--standalone',
                                 '--nproc_per_node=2']
     # Running, and still under its job id: a second grid waits for the job.
@@ -730,8 +741,11 @@ def test_a_slurm_grid_submits_the_runs_not_done_not_ended_and_not_queued(tmp_pat
             job_id=str(100 + len(submitted)), done=lambda: True,
             result=lambda name=job.combo.name: result(name))))
     monkeypatch.setattr(grid, 'POLL_S', 0)
-    monkeypatch.setenv('PYTHONPATH', '')
+    monkeypatch.setenv('PYTHONPATH', os.path.join('elsewhere', 'lib'))
     assert grid.run_on_cluster(parsed, combos, grid.Report(combos))
+    # The jobs unpickle grid.GridJob by name, wherever the grid was started from.
+    assert os.environ['PYTHONPATH'].split(os.pathsep) == [grid.ROOT, os.path.join('elsewhere',
+                                                                                  'lib')]
     assert submitted == [requeued.name, new.name, crashed.name]
     assert next(looks['41'], 'looked until it was over') == 'looked until it was over'
     records = {c.name: grid.read_record(c.folder(str(tmp_path))) for c in combos}
@@ -797,3 +811,61 @@ def test_combinations_that_differ_in_any_setting_get_folders_of_their_own(tmp_pa
     again = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'other'),
                         '--lr-max', '0.2', '--lamda', '2', '--device', 'cpu'])[1]
     assert again[0].name in {c.name for c in combos}, 'where and how it runs is not a setting'
+
+
+def test_an_out_dir_that_is_a_file_is_bad_input(tmp_path, capsys):
+    (tmp_path / 'grid').write_text('')
+    assert grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --out_dir') and len(err.strip().splitlines()) == 1, err
+
+
+def test_settings_are_written_in_the_table_as_given():
+    assert [grid.cell_text(v) for v in (8.0, 0.5, 1000000, True, 'mixkl')] == \
+        ['8', '0.5', '1000000', 'True', 'mixkl']
+
+
+def test_the_scripts_the_grid_starts_keep_the_grids_environment(monkeypatch):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,6')
+    monkeypatch.setenv('MIXKL_GRID_TEST', 'kept')
+    env = grid.Slot(threads=2).env()
+    assert (env['CUDA_VISIBLE_DEVICES'], env['MIXKL_GRID_TEST'], env['OMP_NUM_THREADS']) == \
+        ('5,6', 'kept', '2')  # under SLURM the scheduler's GPUs
+    assert grid.Slot(gpus=[1]).env()['CUDA_VISIBLE_DEVICES'] == '1'
+
+
+def test_a_script_the_grid_starts_is_in_a_session_of_its_own(tmp_path):
+    """So that a Ctrl-C in the terminal reaches the grid only, which then sends one SIGTERM."""
+    script = tmp_path / 'sleeps.py'
+    script.write_text('import time\ntime.sleep(30)\n')
+    with open(tmp_path / 'lock', 'w') as lock_file:
+        running = grid.Running(None, 'train', [str(script)], grid.Slot(), str(tmp_path), lock_file)
+        try:
+            assert os.getsid(running.process.pid) == running.process.pid != os.getsid(0)
+        finally:
+            running.process.kill()
+            running.process.wait()
+
+
+def test_waiting_for_a_run_another_process_holds_is_said_once(capsys):
+    combo = SimpleNamespace(name='method=mixkl_seed=0')
+    report = grid.Report([combo])
+    for _ in range(3):
+        report.waiting(combo)
+    report.close()
+    assert capsys.readouterr().out.count('waiting for method=mixkl_seed=0') == 1
+
+
+def test_a_failed_run_is_reported_with_the_minutes_it_ran(tmp_path, capsys):
+    parsed, (combo,) = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path),
+                                   '--method', 'fgsm_rs'])
+    folder = combo.folder(parsed.out_dir)
+    os.makedirs(folder)
+    (tmp_path / 'out.txt').write_text('error: boom\n')
+    local = grid.LocalGrid(parsed, [], grid.Report([combo]))
+    local.running = [SimpleNamespace(process=SimpleNamespace(poll=lambda: 3), slot=grid.Slot(),
+                                     started=time.time() - 150, stage='train', folder=folder,
+                                     combo=combo, out_path=str(tmp_path / 'out.txt'),
+                                     lock_file=open(tmp_path / 'lock', 'w'))]
+    local._reap()
+    assert f'FAILED {combo.name} (train) after 2.5 min: error: boom' in capsys.readouterr().out

@@ -259,3 +259,18 @@ def test_figures_mark_only_whole_epochs(epochs, figure):
         assert all(label.lstrip('\N{MINUS SIGN}-').isdigit() for label in labels), labels
         if epochs <= 3:
             assert ticks == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize('epochs, marker', [(1, '.'), (30, '.'), (31, 'None'), (110, 'None')])
+def test_a_grid_line_marks_its_epochs_only_while_they_are_few(epochs, marker):
+    fig = plots.grid_figure([one_series([[0.3] * epochs, [0.4] * epochs])])
+    assert [line.get_marker() for line in fig.axes[0].get_lines()] == [marker]
+
+
+@pytest.mark.parametrize('method', ['mixkl', *BASELINES])
+def test_each_curve_panel_names_its_unit_on_the_y_axis(method):
+    fig = plots.curves_figure(metric_rows(3), method, 8.0, 10)
+    units = {'Test accuracy': 'accuracy', 'Training loss': 'loss',
+             'Temperature and KL weight': 'value',
+             'Overfitting alarm: student on training images': 'accuracy'}
+    assert [ax.get_ylabel() for ax in fig.axes] == [units[ax.get_title()] for ax in fig.axes]
