@@ -213,6 +213,8 @@ def test_torchvision_reads_the_files_load_cifar_reads(tmp_path):
     (['--check', '--amp'], 'benchmark.py --check: error: unrecognized arguments: --amp'),
     (['--check-epochs', '1'], 'unrecognized arguments: --check-epochs 1'),
     (['--check', '--dataset', 'tinyimagenet'], "argument --dataset: invalid choice: 'tinyimagenet'"),
+    (['--eval-images', '0'], 'argument --eval-images: 0 must be >= 1'),
+    (['--check', '--train-images', '0'], 'argument --train-images/--check-train-images: 0 must'),
 ])
 def test_benchmark_and_its_check_refuse_each_others_flags_in_one_line(capsys, monkeypatch,
                                                                        argv, message):
@@ -264,6 +266,7 @@ def test_each_check_run_is_the_training_script_with_the_checks_settings(tmp_path
     assert (a.dataset, a.epochs, a.batch_size, a.eval_batch_size, a.width, a.lr_max, a.seed,
             a.amp, a.data_dir, a.device) == ('cifar100', 2, 8, 4, 8, 0.03, 7, amp,
                                              str(tmp_path), 'cpu')
+    assert a.out_dir == str(tmp_path / 'runs'), 'in the folder the check removes'
 
 
 def test_the_check_reports_each_runs_student_and_its_teacher_after_the_last_epoch(
@@ -273,7 +276,11 @@ def test_the_check_reports_each_runs_student_and_its_teacher_after_the_last_epoc
         return SimpleNamespace(student=None, eval_loader=SimpleNamespace(batches=lambda: []),
                                history=[dict(test_clean_acc=0.1, test_pgd_acc=0.05), last])
     monkeypatch.setattr(bf16_check, 'check_run', run)
-    monkeypatch.setattr(bf16_check, 'evaluate_robustness', lambda *args: (0.75, 0.375))
+    attacks, written = [], []
+    monkeypatch.setattr(bf16_check, 'evaluate_robustness',
+                        lambda *args: attacks.append(args[2:]) or (0.75, 0.375))
+    monkeypatch.setattr(bf16_check, 'write_synthetic_cifar',
+                        lambda root, dataset, **kwargs: written.append((dataset, kwargs)))
     bf16_check.run_check(bf16_check.parse_args(['--seeds', '2', '--seed', '3', '--train-images',
                                                 '16', '--eval-images', '8']),
                          torch.device('cpu'), str(tmp_path))
@@ -283,6 +290,9 @@ def test_the_check_reports_each_runs_student_and_its_teacher_after_the_last_epoc
         'seed 3 amp off: student clean 0.7500, PGD-10 0.3750; teacher clean 0.5300, PGD-10 0.2500']
     assert 'mean amp off: student clean 0.7500 (sd 0.0000), PGD-10 0.3750 (sd 0.0000); ' \
            'teacher clean 0.5350 (sd 0.0071), PGD-10 0.2500 (sd 0.0000)' in lines
+    # The student's PGD-10 is the teacher's: 8/255, step 2/255; on data a network can learn.
+    assert attacks == [(8 / 255, 2 / 255, 10)] * 4
+    assert written == [('cifar10', dict(n_train=16, n_test=8, seed=3, learnable=True))]
 
 
 def stubbed_benchmark(monkeypatch, made):
@@ -343,3 +353,38 @@ def test_each_path_is_timed_and_its_peak_memory_taken_over_its_own_steps(monkeyp
     assert rates == {'project': 4.0, 'reference': 2.0}
     assert peaks == {'project': 100, 'reference': 300}
     assert closed == ['project', 'reference']
+
+
+def test_the_defaults_are_those_benchmarks_md_reports():
+    a = benchmark.parse_args([])
+    assert (a.steps, a.warmup, a.batch_size, a.eval_images, a.eval_batch_size, a.width) == \
+        (50, 5, 128, 1024, 512, 64)
+    c = bf16_check.parse_args([])
+    assert (c.seeds, c.epochs, c.lr_max, c.width, c.train_images, c.eval_images,
+            c.batch_size) == (3, 8, 0.02, 16, 2048, 1024, 128)
+
+
+def test_the_timed_evaluation_is_pgd10_in_eval_batches(tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=4, n_test=6, seed=0)
+    made, seen = [], []
+    monkeypatch.setattr(benchmark, 'pgd_attack', lambda *args: made.append(args) or args)
+    monkeypatch.setattr(benchmark, 'evaluate_batches', lambda model, batches, attack: seen.append(
+        ([len(X) for X, _ in batches], attack)) or (6, 6))
+    args = benchmark.parse_args(['--eval-images', '6', '--eval-batch-size', '4', '--width', '8',
+                                 '--warmup', '0'])
+    assert benchmark.pgd_eval_rate(args, str(tmp_path), torch.device('cpu'))[1] == 1.0
+    assert seen == [([4, 2], (8 / 255, 2 / 255, 10, 1))]  # one restart, as training evaluates
+
+
+def test_the_project_path_draws_its_batches_as_the_trainer_does(tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=8, n_test=4, seed=0)
+    made = []
+
+    def loader(x, y, batch_size, device, **kwargs):
+        made.append((len(x), batch_size, kwargs))
+        raise StopIteration  # nothing to time here: the loader's settings are the point
+    monkeypatch.setattr(benchmark, 'CifarLoader', loader)
+    targs = SimpleNamespace(dataset='cifar10', batch_size=4, seed=7, method='mixkl')
+    with pytest.raises(RuntimeError):  # a generator's StopIteration
+        next(benchmark.project_steps(targs, None, None, str(tmp_path), torch.device('cpu')))
+    assert made == [(8, 4, dict(train=True, seed=7))]  # shuffled, cropped and flipped
