@@ -799,6 +799,7 @@ def test_a_checkpoint_whose_weights_are_not_finite_is_refused_in_one_line(tmp_pa
     ('--epsilon', 'nan', "'nan' is not a finite number"),
     ('--alpha', 'inf', "'inf' is not a finite number"),
     ('--alpha', '0', '0.0 must be > 0'),  # PGD would be its random start alone
+    ('--alpha', '256', '256.0 must be <= 255'),
     ('--epsilon', '-1', '-1.0 must be >= 0'),
     ('--restarts', '0', '0 must be >= 1'),  # no restart: every attack would be no attack
     ('--batch_size', '0', '0 must be >= 1'),
@@ -840,9 +841,11 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
 
         def run_standard_evaluation(self, x, y, batch_size):
             made.append(dict(batch_size=batch_size))
+            logging.getLogger('auto-attack').info('robust accuracy: 50.00%')
             return points, y
     monkeypatch.setattr(pyautoattack, 'AutoAttack', ReturnsThePoints)
     args = argparse.Namespace(seed=3, batch_size=8)
+    (tmp_path / 'aa.log').write_text('robust accuracy: 90.00% (an earlier evaluation)\n')
     run = lambda: evaluate.run_autoattack(model, X, y, EPS, args, str(tmp_path / 'aa.log'))
     if refused:
         with pytest.raises(RuntimeError, match='AutoAttack returned points outside the threat'):
@@ -852,6 +855,8 @@ def test_autoattack_points_outside_the_threat_model_are_refused(tmp_path, monkey
         assert correct == evaluate_batches(model, [(points, y)])[0]
         assert settings['max_perturbation'] == pytest.approx(EPS)
         assert settings['log'] == 'aa.log', 'results.json names the log beside it'
+        log = (tmp_path / 'aa.log').read_text()
+        assert 'robust accuracy: 50.00%' in log and 'earlier' not in log, 'this evaluation only'
         assert made == [dict(norm='Linf', eps=EPS, version='standard', seed=3,
                              device=X.device), dict(batch_size=8)]
 
@@ -972,3 +977,30 @@ def test_a_repeated_attack_name_runs_once(tmp_path, capsys):
     report = json.loads((tmp_path / 'out' / 'results.json').read_text())
     assert report['attacks'] == ['clean'] and list(report['results'][0]['attacks']) == ['clean']
     assert len([line for line in out.splitlines() if line.startswith('| clean |')]) == 1
+
+
+def test_each_attack_has_its_name_in_the_printed_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    attacks = ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa']
+    report = dict(attacks=attacks, results=[dict(checkpoint=str(tmp_path / 'm.pth'), attacks={
+        name: dict(accuracy=(9 - i) / 10) for i, name in enumerate(attacks)})])
+    assert evaluate.format_table(report).splitlines()[2:] == [
+        '| clean | 90.00% |', '| PGD-10 | 80.00% |', '| PGD-20 | 70.00% |', '| PGD-50 | 60.00% |',
+        '| C&W-20 | 50.00% |', '| AutoAttack | 40.00% |']
+
+
+def test_a_checkpoint_that_cannot_be_read_is_bad_input(tmp_path, monkeypatch):
+    path = tmp_path / 'model.pth'
+    path.write_bytes(b'weights')
+
+    def unreadable(p):
+        raise PermissionError(13, 'Permission denied', p)
+    monkeypatch.setattr(evaluate, 'sha256_file', unreadable)
+    with pytest.raises(InputError, match=re.escape(f'{path}: cannot be read (Permission denied)')):
+        evaluate.checkpoint_digest(str(path))
+
+
+def test_model_path_needs_at_least_one_checkpoint(capsys):
+    code, out, err = evaluate_in_process(capsys, '--model_path', '--n_ex', '4')
+    errors = [line for line in err.splitlines() if 'error' in line]
+    assert code == 2 and len(errors) == 1 and 'argument --model_path' in errors[0], err

@@ -281,11 +281,12 @@ def test_square_tries_its_share_of_the_images_with_the_queries_it_is_given(monke
     monkeypatch.setattr(pyautoattack.square, 'SquareAttack', RecordedSquare)
     x, y = torch.rand(6, 3, 4, 4), torch.zeros(6, dtype=torch.long)
     settings = checks.Settings(examples=6, square_examples=2, square_queries=5)
-    probe = checks.Probe(AlwaysClassZero(), x, y, 8 / 255, 0, 4, settings)
+    probe = checks.Probe(AlwaysClassZero(), x, y, 8 / 255, 7, 4, settings)
     numbers = checks.measure_black_box(probe)
-    # PGD-50 leaves all six: Square tries the first two, with 5 queries.
+    # PGD-50 leaves all six: Square tries the first two, with 5 queries, drawn from the seed.
     assert numbers == dict(examples=2, queries=5, left_by_pgd50=2, broken_by_square=0)
-    assert [(kwargs['n_queries'], kwargs['eps']) for kwargs in made] == [(5, 8 / 255)]
+    assert [(kwargs['n_queries'], kwargs['eps'], kwargs['seed']) for kwargs in made] == \
+        [(5, 8 / 255, 7)]
 
 
 def test_the_checks_defaults_are_the_ones_their_comments_justify():
@@ -452,22 +453,23 @@ def test_each_check_gives_the_same_numbers_alone_as_after_the_others(trained):
 
 
 def test_accuracy_falls_with_epsilon_counts_examples_a_larger_radius_gave_back(trained):
-    """Known masks per radius: example 0 is broken at eps but not at 2 eps, the one example
-    a larger ball gave back; example 1 is broken at every radius."""
+    """Known masks per radius: example 0 is broken at eps but not at 2 eps, and example 3
+    at eps/2 but not at eps: the two examples a larger ball gave back; example 1 is broken at
+    every radius."""
     model, X, y = trained
-    probe = checks.Probe(model, X[:3], y[:3], EPS, 0, 64, SMALL)
-    masks = {EPS / 2: [True, False, True], EPS: [False, False, True],
-             2 * EPS: [True, False, True]}
+    probe = checks.Probe(model, X[:4], y[:4], EPS, 0, 64, SMALL)
+    masks = {EPS / 2: [True, False, True, False], EPS: [False, False, True, True],
+             2 * EPS: [True, False, True, False]}
     probe.robust = lambda attack, radius=None, iterations=None: torch.tensor(
-        masks[radius] if attack == 'pgd' else [True] * 3)
+        masks[radius] if attack == 'pgd' else [True] * 4)
     numbers = checks.measure_accuracy_falls_with_epsilon(probe)
-    assert numbers['broken_at_smaller_not_larger'] == 1
+    assert numbers['broken_at_smaller_not_larger'] == 2
     assert (numbers['accuracy_half_eps'], numbers['accuracy_eps'],
-            numbers['accuracy_double_eps']) == pytest.approx((2 / 3, 1 / 3, 2 / 3))
+            numbers['accuracy_double_eps']) == pytest.approx((2 / 4, 2 / 4, 2 / 4))
     assert checks.judge_accuracy_falls_with_epsilon(numbers, SMALL)[0] == 'warn'
 
 
-@pytest.mark.parametrize('epsilon_255, radius_255', [(4, 64), (8, 64), (16, 128)])
+@pytest.mark.parametrize('epsilon_255, radius_255', [(4, 64), (8, 64), (16, 128), (40, 255)])
 def test_the_large_radius_is_eight_eps_and_at_least_64(trained, epsilon_255, radius_255):
     model, X, y = trained
     probe = checks.Probe(model, X[:8], y[:8], epsilon_255 / 255, 0, 64, SMALL)
