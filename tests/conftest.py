@@ -199,6 +199,6 @@ def write_results(path, entries, n=10000, epsilon_255=8.0):
 def table_rows(markdown):
     lines = markdown.strip().splitlines()
     header = [c.strip() for c in lines[0].strip('|').split('|')]
-    assert set(lines[1]) <= set('|-')
+    assert lines[1] == '|---' * len(header) + '|', 'a delimiter cell per column'
     return [dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
             for line in lines[2:]]

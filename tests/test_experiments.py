@@ -346,6 +346,13 @@ def test_summarize_table(tmp_path):
     assert (rows[2]['best PGD'], rows[2]['final PGD']) == ('0.00%', '0.00%')
 
 
+def test_an_autoattack_result_names_its_images_only_when_fewer_than_the_test_set():
+    assert summarize_module.autoattack(dict(accuracy=0.4)) == '40.00%'  # n is not required
+    assert summarize_module.autoattack(dict(accuracy=0.4, n=10000)) == '40.00%'
+    assert summarize_module.autoattack(dict(accuracy=0.4, n=1000)) == '40.00% (n=1000)'
+    assert summarize_module.autoattack(None) == '-'
+
+
 def test_where_a_run_trained_and_found_its_data_is_not_a_changed_flag(tmp_path):
     run = write_run(tmp_path, 'run', ['--epochs', '3', '--device', 'cpu'], [(60, 0, 0.5, 0.25)],
                     resume='/r')

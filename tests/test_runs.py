@@ -4,6 +4,7 @@ import json
 import os
 import re
 import socket
+import time
 
 import pytest
 import torch
@@ -162,6 +163,9 @@ def test_a_checkpoint_from_another_run_directory_is_named_field_by_field(tmp_pat
     # What a resume may change (where the data is, the device) may differ.
     runs.check_checkpoint_matches_config(str(run), dict(args=dict(args, data_dir='/x',
                                                                   device='cpu')))
+    # Nor what a resume may set anew (config.json keeps the first value).
+    runs.check_checkpoint_matches_config(str(run), dict(args=dict(
+        args, amp=not config['amp'], channels_last=not config['channels_last'])))
     with pytest.raises(runs.InputError, match=r': epochs, seed differ\(s\) from config.json'):
         runs.check_checkpoint_matches_config(str(run), dict(args=dict(args, seed=4, epochs=7)))
     config.pop('seed')
@@ -182,23 +186,28 @@ def test_a_run_directory_is_named_after_its_dataset_architecture_method_and_seed
 
 
 def test_a_run_started_in_the_same_second_as_another_gets_a_number(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs.time, 'strftime', lambda fmt: '20261130-120000')
+    started = time.struct_time((2026, 11, 30, 12, 45, 7, 0, 334, 0))
+    strftime = time.strftime
+    monkeypatch.setattr(runs.time, 'strftime', lambda fmt: strftime(fmt, started))
     made = [os.path.basename(runs.new_run_dir(str(tmp_path), 'cifar10', 'preactresnet18',
                                               'mixkl', 0)) for _ in range(3)]
-    assert made == ['cifar10-mixkl-seed0-20261130-120000', 'cifar10-mixkl-seed0-20261130-120000-1',
-                    'cifar10-mixkl-seed0-20261130-120000-2']
+    assert made == ['cifar10-mixkl-seed0-20261130-124507', 'cifar10-mixkl-seed0-20261130-124507-1',
+                    'cifar10-mixkl-seed0-20261130-124507-2']
 
 
-@pytest.mark.parametrize('bad_row,value,message', [
-    (1, 'x', 'not a number'), (3, 'nan', 'not a finite number in one of'),
-    (2, '', 'not a finite number in one of')])
+@pytest.mark.parametrize('bad_row,value,message,column', [
+    (1, 'x', 'not a number', 'test_pgd_acc'),
+    (3, 'nan', 'not a finite number in one of', 'test_pgd_acc'),
+    (2, '', 'not a finite number in one of', 'test_pgd_acc'),
+    (2, '', 'not a finite number in one of', 'eval_seconds'),  # the minutes are read from it
+    (1, 'inf', 'not a finite number in one of', 'seconds')])
 def test_a_bad_metrics_value_is_named_by_its_line_in_the_file(tmp_path, bad_row, value,
-                                                              message):
+                                                              message, column):
     # Line 1 is the header: the nth row is line n + 1, as an editor numbers them.
     run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)] * 3)
     path = run / runs.METRICS
     lines = path.read_text().splitlines(keepends=True)
-    column = lines[0].rstrip('\n').split(',').index('test_pgd_acc')
+    column = lines[0].rstrip('\n').split(',').index(column)
     cells = lines[bad_row].rstrip('\n').split(',')
     cells[column] = value
     lines[bad_row] = ','.join(cells) + '\n'
@@ -249,7 +258,8 @@ def test_the_json_depth_counts_brackets_outside_strings_escaped_quotes_included(
 
 @pytest.mark.parametrize('field', ['epoch', 'step'])
 def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, field):
-    checkpoint = dict(format=runs.CHECKPOINT_FORMAT, args={}, student={}, teacher=None,
+    # The format the checkpoints already on disk carry: a new one would refuse every resume.
+    checkpoint = dict(format='mixkl-resumable-1', args={}, student={}, teacher=None,
                       teacher_updates=0, optimizer={}, scheduler={}, epoch=0, step=0, stats={},
                       best_pgd=-1.0, history=[], rng={})
     path = str(tmp_path / 'checkpoint.pth')
@@ -297,3 +307,12 @@ def test_json_nested_as_deep_as_the_limit_is_read_and_one_level_more_refused(tmp
         else:
             with pytest.raises(InputError, match=f'nested deeper than {runs.JSON_DEPTH_LIMIT}'):
                 runs.read_json(str(path))
+
+
+def test_a_missing_model_is_matched_by_its_path_from_a_relative_run_directory(tmp_path,
+                                                                            monkeypatch):
+    run = write_run(tmp_path, 'run', [], [(60, 0, 0.5, 0.25)])
+    (run / runs.FINAL).unlink()
+    monkeypatch.chdir(tmp_path)  # summarize.py run: evaluate.py recorded the absolute path
+    got = runs.model_results('run', [results_entry(run / runs.FINAL, 'a' * 64, aa=0.3)])
+    assert got['final']['attacks']['aa']['accuracy'] == 0.3
