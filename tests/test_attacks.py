@@ -274,6 +274,8 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path, prefix):
 @pytest.mark.parametrize('content,width,message', [
     (None, None, 'no such file'),
     ([1, 2, 3], None, 'does not hold a state_dict'),
+    ('wrapped', None, 'does not hold a state_dict'),  # another code base's checkpoint
+    ({}, None, 'does not hold a state_dict'),
     ('cifar100', None, 'is a 100-class model; test_cifar10.py evaluates 10-class models'),
     ('width8', 16, 'has width 8, not --width 16'),
     ('width8', 4, 'has width 8, not --width 4'),
@@ -302,6 +304,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
         path.write_bytes(path.read_bytes()[:1000])
     elif content == 'resumable':
         save({'student': state, 'teacher': state, 'epoch': 3}, path)
+    elif content == 'wrapped':
+        save({'state_dict': state, 'epoch': 5}, path)
     elif content == 'expanded':
         save({**state, 'conv1.weight': torch.zeros(1).expand(10 ** 6, 3, 3, 3)}, path)
     elif content == '0-d':

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import socket
 import threading
 import time
@@ -572,3 +573,26 @@ def test_a_download_from_a_server_that_never_answers_times_out(tmp_path, monkeyp
     assert time.time() - start < 10
     assert 'could not be downloaded (no answer from the server within 1 s' in message
     assert socket.getdefaulttimeout() is None, 'the default timeout is restored'
+
+
+@pytest.mark.parametrize('dataset, files', [
+    ('cifar10', {*(f'data_batch_{i}' for i in range(1, 6)), 'test_batch'}),
+    ('cifar100', {'train', 'test'})])
+def test_the_official_release_is_known_by_its_train_and_test_files(dataset, files):
+    md5s = utils._official_md5s(dataset)
+    assert set(md5s) == files and all(re.fullmatch('[0-9a-f]{32}', m) for m in md5s.values())
+
+
+def test_labels_pickled_as_numpy_integers_by_an_older_numpy_load(tmp_path):
+    """numpy 1 names a numpy integer's class numpy.core.multiarray.scalar."""
+    write_synthetic_cifar(str(tmp_path), 'cifar10', n_train=50, n_test=10)
+    expected = reference_split(tmp_path, False)
+    path = tmp_path / 'cifar-10-batches-py' / 'test_batch'
+    batch = pickle.loads(path.read_bytes())
+    batch['labels'] = list(np.array(batch['labels']))
+    raw = pickle.dumps(batch, protocol=2)
+    assert raw.count(b'cnumpy._core.multiarray\nscalar\n') == 1
+    path.write_bytes(raw.replace(b'cnumpy._core.multiarray\nscalar\n',
+                                 b'cnumpy.core.multiarray\nscalar\n'))
+    x, y = load_cifar('cifar10', str(tmp_path), train=False, quiet=True)
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])

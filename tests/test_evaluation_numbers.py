@@ -21,7 +21,7 @@ from PIL import Image
 import evaluate
 import models
 from synthetic import write_synthetic_cifar, write_synthetic_tiny_imagenet
-from utils import attack_fgsm, attack_pgd, evaluate_robustness
+from utils import attack_fgsm, attack_pgd, batch_rng, evaluate_robustness
 
 EPS = 8 / 255
 PGD_NAMES = ['pgd10', 'pgd20', 'pgd50', 'cw20']
@@ -378,3 +378,19 @@ def test_tiny_imagenet_pixels_reach_the_model_as_the_decoded_jpeg_over_255(tmp_p
             expected.append(torch.from_numpy(np.array(image.convert('RGB'))).permute(2, 0, 1))
     assert len(inputs) == 2 and all(torch.equal(i, torch.stack(expected).float() / 255)
                                    for i in inputs)
+
+
+@pytest.mark.parametrize('seed', [0, 5])
+def test_a_seeded_batch_draws_from_its_seed_and_index_and_leaves_the_global_rng(seed):
+    """Seed 0 (torchrun's --seed 0, epoch 0) is a seed like any other."""
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    with batch_rng(seed, 3, torch.device('cpu')):
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(2)
+    with batch_rng(seed, 3, torch.device('cpu')):
+        again = torch.rand(4)
+    with batch_rng(seed, 4, torch.device('cpu')):
+        other = torch.rand(4)
+    assert torch.equal(first, again) and not torch.equal(first, other)

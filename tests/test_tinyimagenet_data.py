@@ -189,10 +189,12 @@ def test_learnable_synthetic_images_are_told_apart_by_their_colour(tmp_path):
     assert torch.equal(predicted, y_val)
 
 
-def test_load_dataset_dispatches_on_the_dataset_name(tmp_path):
+def test_load_dataset_dispatches_on_the_dataset_name(tmp_path, capsys):
     make(tmp_path / 'tiny')
     write_synthetic_cifar(str(tmp_path / 'cifar'), 'cifar10', n_train=20, n_test=10)
+    capsys.readouterr()
     x, y = load_dataset('tinyimagenet', str(tmp_path / 'tiny'), train=False, quiet=True)
+    assert capsys.readouterr() == ('', ''), 'quiet: no decoding note (torchrun ranks > 0)'
     x_ref, y_ref = load(tmp_path / 'tiny', train=False)
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     assert x.shape[-1] == DATASETS['tinyimagenet']['image_size'] == 64
