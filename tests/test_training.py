@@ -653,6 +653,16 @@ def test_a_resume_refuses_other_data(tiny_run):
     write_synthetic_cifar(str(tmp / 'other'), 'cifar10', n_train=32, n_test=16, seed=3)
     with pytest.raises(InputError, match='holds other data than the run was trained on'):
         resume(tmp, run_dir, data='other')
+    # A run saved before the digest was recorded resumes (on its own data).
+    path = os.path.join(run_dir, 'checkpoint.pth')
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint['data_sha256'], config['data_sha256']
+    torch.save(checkpoint, path)
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    trainer = resume(tmp, run_dir)
+    trainer.release()
+    assert trainer.epoch == checkpoint['epoch']
 
 
 def test_a_resume_refuses_a_checkpoint_from_another_run(tiny_run, tmp_path_factory):
@@ -696,12 +706,22 @@ def empty_rng(checkpoint):
     checkpoint['rng'] = {}
 
 
+def short_numpy_rng(checkpoint):
+    checkpoint['rng']['numpy'] = checkpoint['rng']['numpy'][:3]
+
+
+def python_rng_as_number(checkpoint):
+    checkpoint['rng']['python'] = 3
+
+
 @pytest.mark.parametrize('spoil, message', [
     (drop_student, 'not a resumable checkpoint of this project (student missing or not what '
                    'training writes)'),
     (shrink_bias, 'cannot be resumed (Error(s) in loading state_dict'),
     (epoch_as_text, '(epoch missing or not what training writes)'),
     (empty_rng, "cannot be resumed ('torch')"),
+    (short_numpy_rng, 'cannot be resumed (not enough values to unpack'),
+    (python_rng_as_number, 'cannot be resumed ('),
 ])
 def test_a_resume_refuses_a_checkpoint_training_did_not_write_in_one_line(tiny_run, spoil,
                                                                            message):
@@ -792,6 +812,7 @@ def test_a_resume_uses_the_thread_count_of_the_run(monkeypatch, capsys):
     training.use_threads_of({'threads': 1})
     assert chosen == [1] and 'using 1 CPU threads, as the run did (not 2)' in capsys.readouterr().out
     training.use_threads_of({'threads': 2})
+    training.use_threads_of({})  # a checkpoint from before the count was saved
     assert chosen == [1]
 
 
@@ -849,3 +870,14 @@ def test_a_full_disk_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
     errors = [line for line in err if 'error' in line]
     assert errors == [err[-1]] and err[-1].startswith('error: ')
     assert err[-1].endswith('best_model.pth: No space left on device; nothing was left half-written')
+
+
+def test_an_epoch_resumed_part_way_adds_its_time_to_the_seconds_saved_before_the_stop(tmp_path):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=16, n_test=8, seed=2)
+    trainer = training.Trainer(*tiny_args(tmp_path, '--epochs', '1'))
+    try:
+        trainer.stats['seconds'] = 1000.0  # as a checkpoint saved part way through the epoch
+        assert trainer.train_epoch(0, SimpleNamespace(signum=None))
+        assert trainer.stats['seconds'] > 1000
+    finally:
+        trainer.release()
