@@ -24,6 +24,7 @@ def test_every_default_is_the_one_method_md_gives(dataset):
     args, _ = flags.parse_args(dataset, [])
     assert {k: getattr(args, k) for k in METHOD_DEFAULTS} == METHOD_DEFAULTS
     assert args.data_dir == f'{dataset}-data' and args.dataset == dataset
+    assert args.out_dir == './output/'  # README's folder
 
 
 def test_tiny_imagenet_defaults_are_the_authors_tiny_imagenet_script():

@@ -91,8 +91,10 @@ def test_a_run_writes_reloadable_checkpoints_and_one_sane_metrics_row(finished_r
     assert (config['device_used'], config['world_size'], config['torch']) == \
         ('cpu', 1, torch.__version__)
     assert config['data_sha256'] == training.data_digest(x_train, y_train, x_test, y_test)
-    assert config['command'].startswith(f'{flags.TRAINING_SCRIPTS[dataset]} ')
+    assert config['command'] == ' '.join([flags.TRAINING_SCRIPTS[dataset], '--out_dir', 'output',
+                                          '--data-dir', 'data', '--epochs', '1', *TINY])
     log = open(os.path.join(run_dir, 'train.log')).read()
+    assert 'device cpu, epochs 1..1\n' in log
     number = lambda key, spec='.4f': format(float(row[key]), spec)
     assert (f"epoch 1/1  {number('seconds', '.1f')}s+{number('eval_seconds', '.1f')}s  "
             f"lr {number('lr', '.4g')}  loss {number('train_loss')}  "
@@ -230,10 +232,12 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     stopped = load_weights(os.path.join(run_dir, 'checkpoint.pth'))
     assert stopped['epoch'] == 1 and 0 <= stopped['step'] < 16
     assert stopped['stats']['seconds'] > 0, 'the time trained before the stop is kept'
+    assert f"stopped at epoch 2, step {stopped['step']}; checkpoint saved." in out
 
     resumed = train('cifar10', tmp_path, '--resume', run_dir)
     assert resumed.returncode == 0, resumed.stderr
-    assert 'resumed from' in resumed.stdout
+    assert f"resumed from {run_dir}/checkpoint.pth at epoch 2, step {stopped['step']}\n" in \
+        resumed.stdout and 'epochs 2..2\n' in resumed.stdout
     a = load_weights(os.path.join(reference, 'final_model.pth'))
     b = load_weights(os.path.join(run_dir, 'final_model.pth'))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-6
@@ -284,6 +288,7 @@ def test_a_diverged_run_stops_with_status_1_and_saves_no_diverged_weights(tmp_pa
     run_dir = run_dirs(tmp_path)[0]
     message = proc.stdout.strip().splitlines()[-1]
     assert message.startswith('error: the run diverged: ') and f'epoch {epoch}, step' in message
+    assert runs.diverged(run_dir) == message, 'train.log ends with it: the grid reads it there'
     assert sorted(n for n in os.listdir(run_dir) if n.endswith('.pth')) == sorted(kept)
     if kept:
         assert message.endswith(f'Kept in {run_dir}, from before it diverged: {", ".join(kept)}.')
@@ -877,7 +882,13 @@ def test_an_epoch_resumed_part_way_adds_its_time_to_the_seconds_saved_before_the
     trainer = training.Trainer(*tiny_args(tmp_path, '--epochs', '1'))
     try:
         trainer.stats['seconds'] = 1000.0  # as a checkpoint saved part way through the epoch
+        assert not trainer.train_epoch(0, SimpleNamespace(signum=signal.SIGTERM))  # stopped again
+        assert trainer.stats['seconds'] >= 1000
         assert trainer.train_epoch(0, SimpleNamespace(signum=None))
         assert trainer.stats['seconds'] > 1000
+        trained = trainer.stats['seconds']
+        assert trainer.end_epoch(0, training.StopSignal())
+        row, = read_metrics(trainer.run_dir)
+        assert float(row['seconds']) == round(trained, 2), 'training time, the evaluation apart'
     finally:
         trainer.release()
