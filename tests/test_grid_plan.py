@@ -645,13 +645,14 @@ def test_relative_out_and_data_dirs_are_made_absolute_for_jobs_started_elsewhere
     assert argv[argv.index('--out_dir') + 1].startswith(str(tmp_path / 'g'))
 
 
-def test_the_figure_names_the_split_each_configuration_was_evaluated_on():
-    rows = [dict(method=m, _runs=[], _config=dict(dataset=d, epsilon=8.0, pgd_iters=10,
-                                                  val_examples=v))
-            for m, d, v in (('a', 'cifar10', 0), ('b', 'cifar10', 100),
-                            ('c', 'tinyimagenet', 0))]
-    assert [s['split'] for s in grid.plot_series(['method'], rows)] == \
-        ['test', 'validation', 'val']
+def test_the_figure_names_the_split_and_attack_each_configuration_was_evaluated_with():
+    rows = [dict(method=m, _runs=[], _config=dict(dataset=d, epsilon=8.0, pgd_iters=i,
+                                                  attack_iters=10, val_examples=v))
+            for m, d, v, i in (('a', 'cifar10', 0, 10), ('b', 'cifar10', 100, 3),
+                               ('c', 'tinyimagenet', 0, 50))]
+    series = grid.plot_series(['method'], rows)
+    assert [(s['split'], s['attack']) for s in series] == \
+        [('test', 'PGD-10'), ('validation', 'PGD-3'), ('val', 'PGD-50')]
 
 
 @pytest.mark.parametrize('extra, seen', [(['--gpus', '3'], '3 1'),
@@ -869,3 +870,77 @@ def test_a_failed_run_is_reported_with_the_minutes_it_ran(tmp_path, capsys):
                                      lock_file=open(tmp_path / 'lock', 'w'))]
     local._reap()
     assert f'FAILED {combo.name} (train) after 2.5 min: error: boom' in capsys.readouterr().out
+
+
+def test_a_local_grid_runs_as_many_scripts_at_once_as_it_has_slots(tmp_path, monkeypatch):
+    parsed, combos = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--method',
+                                 'mixkl', 'fgsm_rs', 'pgd_at', '--parallel', '2'])
+    started = []
+
+    class NeverEnds:
+        def __init__(self, combo, stage, argv, slot, folder, lock_file):
+            started.append((combo.name, slot))
+            self.process = SimpleNamespace(poll=lambda: None)
+    monkeypatch.setattr(grid, 'Running', NeverEnds)
+    local = grid.LocalGrid(parsed, combos, grid.Report(combos))
+    local._start_what_fits()
+    assert [name for name, _ in started] == [c.name for c in combos[:2]]
+    assert started[0][1] is not started[1][1] and local.free == []
+    assert local.pending == combos[2:]
+
+
+def diverging_script(tmp_path, combo, parsed):
+    """A training stand-in that leaves a diverged run in the combination's folder, exits 1."""
+    prepared = write_run(tmp_path, 'prepared', combo.argv, [(60, 0, 0.5, 0.25)])
+    (prepared / runs.FINAL).unlink()
+    (prepared / runs.CHECKPOINT).write_bytes(b'')
+    message = 'error: the run diverged: loss nan at epoch 2, step 3'
+    (prepared / runs.LOG).write_text(f'[2026-11-30 12:00:00] {message}\n')
+    script = tmp_path / 'diverges.py'
+    script.write_text(f'import os, sys\nos.rename({str(prepared)!r}, '
+                      f'{os.path.join(combo.folder(parsed.out_dir), "run")!r})\n'
+                      f'print({message!r})\nsys.exit(1)\n')
+    return script, message
+
+
+@pytest.mark.parametrize('runner', ['local', 'job'])
+def test_a_run_that_diverges_is_recorded_diverged_and_never_started_again(tmp_path, monkeypatch,
+                                                                          runner):
+    argv = ['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method', 'fgsm_rs']
+    parsed, (combo,) = grid.parse(argv)
+    os.makedirs(combo.folder(parsed.out_dir))
+    script, message = diverging_script(tmp_path, combo, parsed)
+    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(script))
+    if runner == 'local':
+        assert grid.main(argv) == 0 and grid.main(argv + ['--retry-failed']) == 0
+        row, = csv.DictReader(open(tmp_path / 'grid' / 'grid.csv'))
+        assert (row['seeds'], row['failed'], row['diverged']) == ('0', '0', '1')
+        log = open(os.path.join(combo.folder(parsed.out_dir), grid.TRAIN_OUT)).read()
+        assert log.count('\n$ ') == 1, 'not started again'
+    else:
+        assert grid.GridJob(parsed, combo)() == 'diverged'
+    record = grid.read_record(combo.folder(parsed.out_dir))
+    assert (record['status'], record['stage'], record['exit_code'], record['message']) == \
+        ('diverged', 'train', 1, message)
+
+
+def test_a_job_waits_for_the_lock_then_records_its_done_run(tmp_path, monkeypatch):
+    combos = hand_made_grid(tmp_path, every_run_done())
+    parsed = grid.parse(['--dataset', 'cifar10', '--out_dir', str(tmp_path), '--slurm', 'slurm',
+                         '--attacks', 'clean,aa'])[0]
+    combo = combos[0]
+    folder = combo.folder(str(tmp_path))
+    grid.write_record(folder, combo, status='submitted', job_id='12')
+    held, sleeps = [grid.lock(folder)], []
+
+    def sleep(seconds):  # another process lets go of the run after the second wait
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            held.pop().close()
+    monkeypatch.setattr(grid.time, 'sleep', sleep)
+    assert grid.GridJob(parsed, combo)() == 'done' and len(sleeps) == 2
+    assert grid.read_record(folder)['status'] == 'done'
+    grid.write_manifest(parsed)
+    entry, = [e for e in json.loads((tmp_path / 'grid.json').read_text())['runs']
+              if e['name'] == combo.name]
+    assert (entry['status'], entry['job_id']) == ('done', '12')
