@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import sys
+from types import SimpleNamespace
 
 import pyautoattack
 import pytest
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 import checks
 import evaluate
+import utils
 from cli import backend_switches_kept
 from payloads import CreatesAFile
 from preactresnet import PreActResNet18
@@ -275,6 +277,8 @@ def test_checkpoints_saved_from_ddp_or_compile_load(tmp_path, prefix):
     (None, None, 'no such file'),
     ([1, 2, 3], None, 'does not hold a state_dict'),
     ('wrapped', None, 'does not hold a state_dict'),  # another code base's checkpoint
+    ('with-epoch', None, 'does not hold a state_dict'),
+    ('0-d head', None, 'is not a preactresnet18 checkpoint'),
     ({}, None, 'does not hold a state_dict'),
     ('cifar100', None, 'is a 100-class model; test_cifar10.py evaluates 10-class models'),
     ('width8', 16, 'has width 8, not --width 16'),
@@ -306,6 +310,10 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content, width, message):
         save({'student': state, 'teacher': state, 'epoch': 3}, path)
     elif content == 'wrapped':
         save({'state_dict': state, 'epoch': 5}, path)
+    elif content == 'with-epoch':
+        save({**state, 'epoch': 3}, path)
+    elif content == '0-d head':
+        save({**state, 'linear.weight': torch.tensor(1.0)}, path)
     elif content == 'expanded':
         save({**state, 'conv1.weight': torch.zeros(1).expand(10 ** 6, 3, 3, 3)}, path)
     elif content == '0-d':
@@ -372,6 +380,32 @@ def test_a_checkpoint_no_training_writes_is_refused_naming_the_tensor(tmp_path, 
     path = save(spoiled(PreActResNet18(10, width=8).state_dict(), how), tmp_path / 'model.pth')
     with pytest.raises(InputError, match=f'^{path}: .*{message}'):
         load_model_weights(path, 'cifar10', None, None, 'test_cifar10.py')
+
+
+def test_a_weight_of_exactly_the_limit_training_allows_loads(tmp_path):
+    state = PreActResNet18(10, width=8).state_dict()
+    state['linear.weight'][0, 0] = utils.WEIGHT_LIMIT
+    model = load_model_weights(save(state, tmp_path / 'model.pth'), 'cifar10')
+    assert model.state_dict()['linear.weight'][0, 0] == utils.WEIGHT_LIMIT
+
+
+def test_a_checkpoint_is_fitted_to_the_architecture_on_the_meta_device_first(tmp_path,
+                                                                            monkeypatch):
+    """A small file naming a huge width costs no memory before it is refused."""
+    built, build = [], utils.build_model
+
+    def recorded(*args, **kwargs):
+        built.append(torch.empty(0).device.type)
+        return build(*args, **kwargs)
+    monkeypatch.setattr(utils, 'build_model', recorded)
+    state = PreActResNet18(10, width=8).state_dict()
+    load_model_weights(save(state, tmp_path / 'model.pth'), 'cifar10')
+    assert built == ['meta', 'cpu']
+    built.clear()
+    with pytest.raises(InputError, match='does not fit'):
+        load_model_weights(save({**state, 'layer5.weight': torch.zeros(1)},
+                                tmp_path / 'extra.pth'), 'cifar10')
+    assert built == ['meta']
 
 
 def test_a_batchnorm_variance_of_exactly_0_loads(tmp_path):
@@ -575,8 +609,9 @@ def test_each_attacks_console_line_gives_its_accuracy_in_percent(capsys):
 def test_the_test_scripts_defaults_are_the_papers_protocol():
     args = evaluate.parse_args('cifar10', ['--model_path', 'm.pth'])
     assert (args.n_ex, args.attacks, args.restarts, args.seed, args.epsilon, args.alpha,
-            args.checks, args.checks_examples) == (
-        10000, ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa'], 1, 0, 8.0, 2.0, True, 500)
+            args.checks, args.checks_examples, args.batch_size, args.out_dir) == (
+        10000, ['clean', 'pgd10', 'pgd20', 'pgd50', 'cw20', 'aa'], 1, 0, 8.0, 2.0, True, 500,
+        500, './output/')
     for dataset in ('cifar10', 'cifar100', 'tinyimagenet'):  # where training looks too
         assert evaluate.parse_args(dataset, ['--model_path', 'm']).data_dir == f'{dataset}-data'
 
@@ -1008,3 +1043,19 @@ def test_model_path_needs_at_least_one_checkpoint(capsys):
     code, out, err = evaluate_in_process(capsys, '--model_path', '--n_ex', '4')
     errors = [line for line in err.splitlines() if 'error' in line]
     assert code == 2 and len(errors) == 1 and 'argument --model_path' in errors[0], err
+
+
+def test_each_attack_records_the_seconds_it_took(monkeypatch):
+    model, X, y = linear_problem(n=4)
+    clock = iter([100.0, 103.5])
+    monkeypatch.setattr(evaluate, 'time', SimpleNamespace(time=lambda: next(clock)))
+    args = argparse.Namespace(seed=0, epsilon=8.0, alpha=2.0, restarts=1, batch_size=4)
+    assert evaluate.run_attack(model, 'clean', X, y, args, None)['seconds'] == 3.5
+
+
+def test_n_ex_of_the_whole_test_set_needs_no_note(tmp_path, capsys):
+    checkpoint = model_and_data(tmp_path)  # 10 test images
+    code, out, err = evaluate_in_process(capsys, '--model_path', checkpoint, '--out_dir',
+                                         tmp_path / 'out', '--data-dir', tmp_path / 'data',
+                                         '--n_ex', '10', '--attacks', 'clean')
+    assert code == 0 and 'note: --n_ex' not in out, out

@@ -236,6 +236,10 @@ def test_accuracies_of_0_and_1_are_read_and_anything_past_them_refused(tmp_path)
         bad = write_run(tmp_path, f'bad{value}', [], [(60, 0, value, 0.5)])
         with pytest.raises(runs.InputError, match='test_clean_acc not an accuracy in'):
             runs.read_metrics(str(bad))
+    for column in ('train_acc', 'alarm_fgsm_acc', 'alarm_pgd_acc'):
+        bad = write_run(tmp_path, f'bad-{column}', [], [(60, 0, 0.5, 0.5, {column: 1.5})])
+        with pytest.raises(runs.InputError, match=f'{column} not an accuracy in'):
+            runs.read_metrics(str(bad))
 
 
 def test_a_run_before_its_first_epoch_has_no_rows_and_binary_records_are_refused(tmp_path):
@@ -316,3 +320,13 @@ def test_a_missing_model_is_matched_by_its_path_from_a_relative_run_directory(tm
     monkeypatch.chdir(tmp_path)  # summarize.py run: evaluate.py recorded the absolute path
     got = runs.model_results('run', [results_entry(run / runs.FINAL, 'a' * 64, aa=0.3)])
     assert got['final']['attacks']['aa']['accuracy'] == 0.3
+
+
+def test_an_evaluation_with_accuracies_of_exactly_0_and_1_is_read(tmp_path):
+    path = tmp_path / 'results.json'
+    write_results(path, [(tmp_path / runs.BEST, '0' * 64, 0.0)])
+    report = json.loads(path.read_text())
+    report['results'][0]['attacks']['clean']['accuracy'] = 1.0
+    path.write_text(json.dumps(report))
+    entry, = runs.read_evaluation(str(path))
+    assert (entry['attacks']['clean']['accuracy'], entry['attacks']['aa']['accuracy']) == (1.0, 0.0)

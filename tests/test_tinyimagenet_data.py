@@ -129,8 +129,10 @@ def test_images_named_jpg_or_jpeg_in_any_case_are_images_and_other_files_are_not
 def test_without_wnids_txt_the_classes_are_the_sorted_train_folders(tmp_path):
     make(tmp_path / 'listed', seed=3)
     unlisted = make(tmp_path / 'unlisted', seed=3, wnids_file=False)
-    # A hidden folder beside the classes (a notebook's checkpoints) is not a class.
+    # A hidden folder beside the classes (a notebook's checkpoints) is not a class, nor a file.
     os.makedirs(os.path.join(unlisted, 'train', '.ipynb_checkpoints', 'images'))
+    with open(os.path.join(unlisted, 'train', 'README.txt'), 'w') as f:
+        f.write('the training images, a folder per class\n')
     for train in (True, False):
         x, y = load(tmp_path / 'unlisted', train)
         x_ref, y_ref = load(tmp_path / 'listed', train)
@@ -691,3 +693,19 @@ def test_a_huge_declared_size_is_refused_without_decoding(tmp_path, monkeypatch,
     assert 'refused before decoding' in message and not decoded
     assert peak < 20 * 2 ** 20, f'{peak / 2 ** 20:.0f} MiB allocated'
 
+
+
+def test_a_cache_sidecar_without_its_key_is_another_datasets_and_decoded_again(tmp_path,
+                                                                             capsys):
+    base = make(tmp_path)
+    x, y = load(tmp_path, train=True)
+    array_path, sidecar_path = cache_paths(base, 'train')
+    with open(sidecar_path) as f:
+        sidecar = json.load(f)
+    del sidecar['key']
+    with open(sidecar_path, 'w') as f:
+        json.dump(sidecar, f)
+    capsys.readouterr()
+    x2, y2 = load_tiny_imagenet(str(tmp_path), train=True)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert f'note: {base} changed since {array_path} was written' in capsys.readouterr().out
