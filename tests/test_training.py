@@ -892,3 +892,51 @@ def test_an_epoch_resumed_part_way_adds_its_time_to_the_seconds_saved_before_the
         assert float(row['seconds']) == round(trained, 2), 'training time, the evaluation apart'
     finally:
         trainer.release()
+
+
+class FirstOfTwoProcesses(ddp.Distributed):
+    """Rank 0 of two as the trainer sees it, the other rank stood in for by this one."""
+
+    def __init__(self):
+        super().__init__(0, 2, 0, torch.device('cpu'))
+
+    def barrier(self):
+        pass
+
+    def all_sum(self, values):
+        return values
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def gather_objects(self, obj):
+        return [obj, obj]
+
+    def broadcast_(self, tensors):
+        pass
+
+    def identical(self, tensors):
+        return True
+
+
+class AsWrapped(nn.Module):
+    """DistributedDataParallel's shape without its collectives: the model as ``module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_under_torchrun_each_epochs_evaluation_draws_its_random_starts_from_seed_and_epoch(
+        tmp_path, monkeypatch):
+    write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=32, n_test=8, seed=2)
+    monkeypatch.setattr(training, 'wrap_ddp', lambda model, device: AsWrapped(model))
+    seeds = []
+    monkeypatch.setattr(training, 'evaluate_robustness', lambda *args, **kwargs: seeds.append(
+        kwargs['seed']) or (0.5, 0.25))
+    trainer = training.Trainer(*tiny_args(tmp_path, '--seed', '3'), FirstOfTwoProcesses())
+    assert trainer.fit() == 0
+    assert seeds == [3 * 100003, 3 * 100003 + 1]
