@@ -383,12 +383,9 @@ def check_clean_logits(models, paths, digests, x, device):
     A model that gives NaN or inf there has no accuracy to report; the InputError
     names its checkpoint, before results.json is written.
     """
-    checked = set()
-    for path, digest in zip(paths, digests):
-        if digest in checked:
-            continue
-        checked.add(digest)
-        model = models[digest].to(device).eval()
+    for digest, model in models.items():  # one model per file content
+        path = paths[digests.index(digest)]  # the first checkpoint holding it
+        model = model.to(device).eval()
         with torch.no_grad():
             bad = (~torch.isfinite(model(x))).any(1).sum().item()
         if bad:

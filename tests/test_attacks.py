@@ -956,6 +956,11 @@ def test_the_clean_logits_check_counts_the_images_with_any_nan_or_inf_logit():
                                          'the first 8 test images'):
         evaluate.check_clean_logits({'d': InfInOneClass(model, 3)}, ['m.pth'], ['d'], X,
                                     torch.device('cpu'))
+    # One model per content, named by the first of its paths.
+    with pytest.raises(InputError, match='^b.pth: the model gives NaN or inf logits on 3 of'):
+        evaluate.check_clean_logits({'g': model, 'd': InfInOneClass(model, 3)},
+                                    ['a.pth', 'b.pth', 'c.pth'], ['g', 'd', 'd'], X,
+                                    torch.device('cpu'))
 
 
 def overflowing_checkpoint(tmp_path):
