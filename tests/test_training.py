@@ -786,8 +786,11 @@ def test_the_end_of_a_run_names_only_the_models_present(tmp_path, capsys):
 def test_a_run_directory_takes_one_process_and_a_dead_ones_lock_does_not_block(tiny_run):
     tmp, run_dir = tiny_run
     trainer = resume(tmp, run_dir)
+    writing = os.path.join(run_dir, '.checkpoint.pth.k2j4x9qa')  # the running process's
+    open(writing, 'w').write('being written')
     with pytest.raises(InputError, match=f'{run_dir} is in use: process {os.getpid()} on'):
         resume(tmp, run_dir)
+    assert os.path.exists(writing), 'the temporaries of a live run are left alone'
     trainer.release()
     # run.lock is still there with the old holder written in it, but nobody holds the lock.
     assert 'process' in open(os.path.join(run_dir, 'run.lock')).read()
