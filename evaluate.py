@@ -381,7 +381,8 @@ def check_clean_logits(models, paths, digests, x, device):
     """Before any attack: every checkpoint's clean logits on the first batch ``x`` are finite.
 
     A model that gives NaN or inf there has no accuracy to report; the InputError
-    names its checkpoint, before results.json is written.
+    names its checkpoint, before results.json is written. ``models`` holds one model
+    per distinct digest of ``digests``, in the order ``paths`` first give them.
     """
     for digest, model in models.items():  # one model per file content
         path = paths[digests.index(digest)]  # the first checkpoint holding it

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -199,6 +200,7 @@ def write_results(path, entries, n=10000, epsilon_255=8.0):
 def table_rows(markdown):
     lines = markdown.strip().splitlines()
     header = [c.strip() for c in lines[0].strip('|').split('|')]
-    assert lines[1] == '|---' * len(header) + '|', 'a delimiter cell per column'
+    assert re.fullmatch(r'\|(\s*:?-+:?\s*\|){%d}' % len(header), lines[1]), \
+        'a delimiter cell per column'
     return [dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
             for line in lines[2:]]

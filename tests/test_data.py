@@ -590,9 +590,9 @@ def test_labels_pickled_as_numpy_integers_by_an_older_numpy_load(tmp_path):
     path = tmp_path / 'cifar-10-batches-py' / 'test_batch'
     batch = pickle.loads(path.read_bytes())
     batch['labels'] = list(np.array(batch['labels']))
-    raw = pickle.dumps(batch, protocol=2)
-    assert raw.count(b'cnumpy._core.multiarray\nscalar\n') == 1
-    path.write_bytes(raw.replace(b'cnumpy._core.multiarray\nscalar\n',
-                                 b'cnumpy.core.multiarray\nscalar\n'))
+    raw = pickle.dumps(batch, protocol=2).replace(b'cnumpy._core.multiarray\nscalar\n',
+                                                  b'cnumpy.core.multiarray\nscalar\n')
+    assert raw.count(b'cnumpy.core.multiarray\nscalar\n') == 1
+    path.write_bytes(raw)
     x, y = load_cifar('cifar10', str(tmp_path), train=False, quiet=True)
     assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])

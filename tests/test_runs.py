@@ -5,6 +5,7 @@ import os
 import re
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,8 +188,8 @@ def test_a_run_directory_is_named_after_its_dataset_architecture_method_and_seed
 
 def test_a_run_started_in_the_same_second_as_another_gets_a_number(tmp_path, monkeypatch):
     started = time.struct_time((2026, 11, 30, 12, 45, 7, 0, 334, 0))
-    strftime = time.strftime
-    monkeypatch.setattr(runs.time, 'strftime', lambda fmt: strftime(fmt, started))
+    monkeypatch.setattr(runs, 'time', SimpleNamespace(
+        strftime=lambda fmt: time.strftime(fmt, started)))
     made = [os.path.basename(runs.new_run_dir(str(tmp_path), 'cifar10', 'preactresnet18',
                                               'mixkl', 0)) for _ in range(3)]
     assert made == ['cifar10-mixkl-seed0-20261130-124507', 'cifar10-mixkl-seed0-20261130-124507-1',
@@ -260,10 +261,13 @@ def test_the_json_depth_counts_brackets_outside_strings_escaped_quotes_included(
     assert runs.json_depth('{"a": "\\"[[[[", "b": 1}') == 1, 'a quote after \\ does not'
 
 
+def test_the_checkpoint_format_is_the_one_the_checkpoints_already_on_disk_carry():
+    assert runs.CHECKPOINT_FORMAT == 'mixkl-resumable-1'  # a new one would refuse every resume
+
+
 @pytest.mark.parametrize('field', ['epoch', 'step'])
 def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, field):
-    # The format the checkpoints already on disk carry: a new one would refuse every resume.
-    checkpoint = dict(format='mixkl-resumable-1', args={}, student={}, teacher=None,
+    checkpoint = dict(format=runs.CHECKPOINT_FORMAT, args={}, student={}, teacher=None,
                       teacher_updates=0, optimizer={}, scheduler={}, epoch=0, step=0, stats={},
                       best_pgd=-1.0, history=[], rng={})
     path = str(tmp_path / 'checkpoint.pth')
@@ -326,7 +330,7 @@ def test_an_evaluation_with_accuracies_of_exactly_0_and_1_is_read(tmp_path):
     path = tmp_path / 'results.json'
     write_results(path, [(tmp_path / runs.BEST, '0' * 64, 0.0)])
     report = json.loads(path.read_text())
-    report['results'][0]['attacks']['clean']['accuracy'] = 1.0
+    report['results'][0]['attacks']['clean'].update(accuracy=1.0, correct=10000)
     path.write_text(json.dumps(report))
     entry, = runs.read_evaluation(str(path))
     assert (entry['attacks']['clean']['accuracy'], entry['attacks']['aa']['accuracy']) == (1.0, 0.0)

@@ -694,7 +694,6 @@ def test_a_huge_declared_size_is_refused_without_decoding(tmp_path, monkeypatch,
     assert peak < 20 * 2 ** 20, f'{peak / 2 ** 20:.0f} MiB allocated'
 
 
-
 def test_a_cache_sidecar_without_its_key_is_another_datasets_and_decoded_again(tmp_path,
                                                                              capsys):
     base = make(tmp_path)
