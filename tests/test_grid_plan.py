@@ -933,3 +933,14 @@ def test_a_job_waits_for_the_lock_then_records_its_done_run(tmp_path, monkeypatc
     entry, = [e for e in json.loads((tmp_path / 'grid.json').read_text())['runs']
               if e['name'] == combo.name]
     assert (entry['status'], entry['job_id']) == ('done', '12')
+
+
+def test_a_combination_given_twice_is_one_run(tmp_path, monkeypatch, capsys):
+    train = tmp_path / 'train.py'
+    train.write_text(f'open({str(tmp_path / "started")!r}, "a").write("started\\n")\n'
+                     'raise SystemExit(3)\n')
+    monkeypatch.setitem(flags.TRAINING_SCRIPTS, 'cifar10', str(train))
+    assert grid.main(['--dataset', 'cifar10', '--out_dir', str(tmp_path / 'grid'), '--method',
+                      'fgsm_rs', 'fgsm_rs', '--seed', '0', '0']) == 0
+    assert 'grid: 1 run(s) of ' in capsys.readouterr().out
+    assert (tmp_path / 'started').read_text() == 'started\n'

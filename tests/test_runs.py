@@ -265,11 +265,25 @@ def test_the_checkpoint_format_is_the_one_the_checkpoints_already_on_disk_carry(
     assert runs.CHECKPOINT_FORMAT == 'mixkl-resumable-1'  # a new one would refuse every resume
 
 
+def resumable():
+    """The fields of a checkpoint.pth training writes, each of its kind."""
+    return dict(format=runs.CHECKPOINT_FORMAT, args={}, student={}, teacher=None,
+                teacher_updates=0, optimizer={}, scheduler={}, epoch=0, step=0, stats={},
+                best_pgd=-1.0, history=[], rng={})
+
+
+@pytest.mark.parametrize('args', [['--seed', '0'], None, 'mixkl'])
+def test_a_checkpoint_whose_flags_are_not_a_dict_is_not_resumable(tmp_path, args):
+    path = str(tmp_path / 'checkpoint.pth')
+    torch.save(dict(resumable(), args=args), path)
+    with pytest.raises(InputError, match=f'^--resume {re.escape(path)}: not a resumable '
+                                         'checkpoint of this project$'):
+        runs.read_checkpoint(path)
+
+
 @pytest.mark.parametrize('field', ['epoch', 'step'])
 def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, field):
-    checkpoint = dict(format=runs.CHECKPOINT_FORMAT, args={}, student={}, teacher=None,
-                      teacher_updates=0, optimizer={}, scheduler={}, epoch=0, step=0, stats={},
-                      best_pgd=-1.0, history=[], rng={})
+    checkpoint = resumable()
     path = str(tmp_path / 'checkpoint.pth')
     torch.save(checkpoint, path)
     assert runs.read_checkpoint(path)['epoch'] == 0
