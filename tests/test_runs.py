@@ -292,6 +292,15 @@ def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, fie
         runs.read_checkpoint(path)
 
 
+def results_with(path, attack, aa=0.4, **fields):
+    """A results.json for one model (AutoAttack accuracy ``aa``), ``attack``'s entry given
+    ``fields``."""
+    write_results(path, [(path.parent / runs.BEST, '0' * 64, aa)])
+    report = json.loads(path.read_text())
+    report['results'][0]['attacks'][attack].update(fields)
+    path.write_text(json.dumps(report))
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('accuracy', -0.2, 'the aa accuracy -0.2 is not a number in [0, 1]'),
     ('n', -5, 'the aa image count -5 is not a whole number'),
@@ -301,10 +310,7 @@ def test_a_checkpoint_at_a_negative_epoch_or_step_is_not_resumable(tmp_path, fie
 def test_an_evaluation_holding_numbers_no_evaluation_writes_is_refused(tmp_path, field, value,
                                                                        message):
     path = tmp_path / 'results.json'
-    write_results(path, [(tmp_path / runs.BEST, '0' * 64, 0.4)])
-    report = json.loads(path.read_text())
-    report['results'][0]['attacks']['aa'][field] = value
-    path.write_text(json.dumps(report))
+    results_with(path, 'aa', **{field: value})
     with pytest.raises(InputError, match=f'^{re.escape(f"{path}: {message}")}$'):
         runs.read_evaluation(str(path))
 
@@ -342,9 +348,6 @@ def test_a_missing_model_is_matched_by_its_path_from_a_relative_run_directory(tm
 
 def test_an_evaluation_with_accuracies_of_exactly_0_and_1_is_read(tmp_path):
     path = tmp_path / 'results.json'
-    write_results(path, [(tmp_path / runs.BEST, '0' * 64, 0.0)])
-    report = json.loads(path.read_text())
-    report['results'][0]['attacks']['clean'].update(accuracy=1.0, correct=10000)
-    path.write_text(json.dumps(report))
+    results_with(path, 'clean', aa=0.0, accuracy=1.0, correct=10000)
     entry, = runs.read_evaluation(str(path))
     assert (entry['attacks']['clean']['accuracy'], entry['attacks']['aa']['accuracy']) == (1.0, 0.0)

@@ -408,25 +408,58 @@ def test_amp_and_channels_last_default_to_what_the_runs_device_takes(tmp_path, m
     assert (trainer.args.amp, trainer.args.channels_last, trainer.hp.amp) == (True, True, True)
 
 
-def test_a_torchrun_run_whose_last_batch_leaves_a_process_no_image_is_refused(tmp_path,
-                                                                              monkeypatch):
+class FirstOfTwoProcesses(ddp.Distributed):
+    """Rank 0 of two as the trainer sees it, the other rank stood in for by this one."""
+
+    def __init__(self):
+        super().__init__(0, 2, 0, torch.device('cpu'))
+
+    def barrier(self):
+        pass
+
+    def all_sum(self, values):
+        return values
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def gather_objects(self, obj):
+        return [obj, obj]
+
+    def broadcast_(self, tensors):
+        pass
+
+    def identical(self, tensors):
+        return True
+
+
+class AsWrapped(nn.Module):
+    """DistributedDataParallel's shape without its collectives: the model as ``module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_a_torchrun_run_whose_last_batch_leaves_a_process_no_image_is_refused(tmp_path):
     write_synthetic_cifar(str(tmp_path / 'data'), 'cifar10', n_train=40, n_test=8, seed=2)
-    monkeypatch.setattr(ddp.Distributed, 'barrier', lambda self: None)
     args, parser = tiny_args(tmp_path, '--train-examples', '33')  # batches of 16, 16 and 1
     with pytest.raises(InputError, match=r'^a batch of 1 training image\(s\) cannot be shared '
                                          'by 2 processes'):
-        training.Trainer(args, parser, ddp.Distributed(0, 2, 0, torch.device('cpu')))
+        training.Trainer(args, parser, FirstOfTwoProcesses())
 
 
 def test_sync_bn_turns_the_torchrun_students_batchnorms_into_syncbatchnorms(tmp_path,
                                                                            monkeypatch):
     """Built as under torchrun (the collectives and DDP stood in for): the student the step
     trains and the optimizer steps has SyncBatchNorm layers; the teacher keeps BatchNorm."""
-    monkeypatch.setattr(ddp.Distributed, 'broadcast_', lambda self, tensors: None)
-    monkeypatch.setattr(training, 'wrap_ddp', lambda model, device: model)
+    monkeypatch.setattr(training, 'wrap_ddp', lambda model, device: AsWrapped(model))
     args, _ = tiny_args(tmp_path, '--sync-bn')
     args.amp = args.channels_last = False
-    trainer = SimpleNamespace(args=args, dist=ddp.Distributed(0, 2, 0, torch.device('cpu')),
+    trainer = SimpleNamespace(args=args, dist=FirstOfTwoProcesses(),
                               device=torch.device('cpu'), hp=training.hyperparameters(args),
                               train_loader=[None] * 2, _cycle_momentum=lambda: None)
     training.Trainer._build_models(trainer)
@@ -901,42 +934,6 @@ def test_an_epoch_resumed_part_way_adds_its_time_to_the_seconds_saved_before_the
         assert float(row['seconds']) == round(trained, 2), 'training time, the evaluation apart'
     finally:
         trainer.release()
-
-
-class FirstOfTwoProcesses(ddp.Distributed):
-    """Rank 0 of two as the trainer sees it, the other rank stood in for by this one."""
-
-    def __init__(self):
-        super().__init__(0, 2, 0, torch.device('cpu'))
-
-    def barrier(self):
-        pass
-
-    def all_sum(self, values):
-        return values
-
-    def broadcast_object(self, obj):
-        return obj
-
-    def gather_objects(self, obj):
-        return [obj, obj]
-
-    def broadcast_(self, tensors):
-        pass
-
-    def identical(self, tensors):
-        return True
-
-
-class AsWrapped(nn.Module):
-    """DistributedDataParallel's shape without its collectives: the model as ``module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 def test_under_torchrun_each_epochs_evaluation_draws_its_random_starts_from_seed_and_epoch(
