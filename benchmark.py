@@ -41,8 +41,9 @@ import bf16_check
 import mixkl
 import training
 from cli import (MAX_SYNTHETIC_IMAGES, HelpFormatter, backend_switches_kept, cuda_default,
-                 device_flag, enable_fast_cuda, exit_status, image_count, network_width, number_in_range,
-                 positive_int, print_header, resolve_device, seed_int, start_script)
+                 device_flag, enable_fast_cuda, exit_status, image_count, network_width,
+                 number_in_range, positive_int, print_header, resolve_device, seed_int,
+                 start_script)
 from synthetic import write_synthetic_cifar
 from models import ARCHS
 from utils import CifarLoader, attack_backend, clamp, evaluate_batches, load_cifar, pgd_attack

@@ -470,7 +470,8 @@ def test_accuracy_falls_with_epsilon_counts_examples_a_larger_radius_gave_back(t
 
 
 @pytest.mark.parametrize('epsilon_255, radius_255', [(4, 64), (8, 64), (16, 128), (40, 255)])
-def test_the_large_radius_is_eight_eps_at_least_64_and_at_most_255(trained, epsilon_255, radius_255):
+def test_the_large_radius_is_eight_eps_at_least_64_and_at_most_255(trained, epsilon_255,
+                                                                    radius_255):
     model, X, y = trained
     probe = checks.Probe(model, X[:8], y[:8], epsilon_255 / 255, 0, 64, SMALL)
     numbers = checks.measure_large_epsilon(probe)
